@@ -1,0 +1,215 @@
+"""The rule base class: one LightningModule per credit-assignment rule, manual optimization.
+
+The contract every rule keeps (DESIGN.md): the weight update reaches the optimizer as ``.grad``
+and is produced by autograd inside ``manual_backward``. A rule therefore implements only
+
+* :meth:`setup_rule` — convert layers, build feedback matrices, hook feedback points;
+* :meth:`objective` — a scalar whose gradient *is* the rule's update (for BP: the loss);
+* :meth:`true_gradient` — a context that switches the rule off in place, so the alignment
+  probe can compute the true backprop gradient on the same weights without a model copy.
+
+Everything else — optimizer and scheduler from config, torchmetrics top-1/top-5 error and loss,
+the divergence guard, update re-projection — lives here once.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from omegaconf import DictConfig
+from torch import nn
+
+from bench.feedback.points import PointTap
+from bench.registry import Registry
+
+RULES: Registry = Registry("algorithm")
+
+
+class AlgorithmModule(L.LightningModule):
+    def __init__(self, cfg: DictConfig, model: nn.Module, num_classes: int, input_shape: tuple[int, ...]):
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(input_shape)
+        self.status = "running"
+        granularity = str(cfg.algorithm.get("granularity", "micro"))
+        self.tap = PointTap(model, model.feedback_points(granularity)) if hasattr(model, "feedback_points") else None
+        self._probe_due = False
+        self.probe_seconds = 0.0  # written by the alignment probe, read by the epoch timer
+        # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
+        self.metrics = nn.ModuleDict({f"{s}_m": self._split_metrics() for s in ("train", "val", "test", "train_eval")})
+        self.setup_rule()
+
+    # ------------------------------------------------------------------ rule API
+    def setup_rule(self) -> None:
+        """Prepare the rule (convert layers, draw feedback). Runs once, before the optimizer exists."""
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (surrogate, logits, loss); ∂surrogate/∂θ is the rule's update. Default: backprop."""
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        return loss, logits, loss
+
+    @contextmanager
+    def true_gradient(self):
+        """Switch the rule off in place (converted layers use Wᵀ, no cuts or injections)."""
+        yield
+
+    def after_step(self) -> None:
+        """Hook after ``optimizer.step()`` (e.g. weight constraints)."""
+
+    def feedback_weight_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{layer: (W, B)} for rules with a per-layer feedback tensor; the probe reports ∠(W, B)."""
+        return {}
+
+    # ------------------------------------------------------------------ metrics
+    def _split_metrics(self) -> nn.ModuleDict:
+        metrics = {"loss": torchmetrics.MeanMetric(),
+                   "acc1": torchmetrics.classification.MulticlassAccuracy(self.num_classes, top_k=1, average="micro", validate_args=False)}
+        if self.num_classes > 5:
+            metrics["acc5"] = torchmetrics.classification.MulticlassAccuracy(self.num_classes, top_k=5, average="micro", validate_args=False)
+        return nn.ModuleDict(metrics)
+
+    def _update_metrics(self, split: str, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        m = self.metrics[f"{split}_m"]
+        flat_logits, flat_y = logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1)
+        m["loss"].update(loss.detach(), weight=flat_y.numel())
+        m["acc1"].update(flat_logits, flat_y)
+        if "acc5" in m:
+            m["acc5"].update(flat_logits, flat_y)
+
+    def _log_split(self, split: str, prefix: str | None = None) -> dict[str, float]:
+        m, prefix = self.metrics[f"{split}_m"], prefix or split
+        values = {f"{prefix}/loss": m["loss"].compute(), f"{prefix}/err1": 100.0 * (1.0 - m["acc1"].compute())}
+        if "acc5" in m:
+            values[f"{prefix}/err5"] = 100.0 * (1.0 - m["acc5"].compute())
+        for metric in m.values():
+            metric.reset()
+        # torchmetrics already synchronised across ranks in compute()
+        self.log_dict(values, on_epoch=True, sync_dist=False)
+        return values
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> Any:
+        a = self.cfg.algorithm
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Fused kernels exist for CPU and CUDA float tensors and are the fastest implementation.
+        fast = {"fused": True} if all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params) else {"foreach": True}
+        if a.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay, **fast)
+        elif a.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay, **fast)
+        elif a.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay, **fast)
+        else:
+            raise ValueError(f"unknown optimizer {a.optimizer!r}; valid choices: adam, adamw, sgd")
+        if a.scheduler == "none":
+            return opt
+        if a.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=a.step_size, gamma=a.gamma)
+        elif a.scheduler == "multistep":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(a.milestones), gamma=a.gamma)
+        elif a.scheduler == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=a.gamma, patience=a.patience)
+        else:
+            raise ValueError(f"unknown scheduler {a.scheduler!r}; valid choices: none, step, multistep, plateau")
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+    def probe_due(self) -> bool:
+        every = int(self.cfg.probe.every)
+        return every > 0 and self.global_step % every == 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        self._probe_due = self.probe_due()
+        if self._probe_due:
+            # The probe replays this exact step (same batch, same dropout masks) in BP mode.
+            self._probe_batch = (x, y)
+            self._probe_rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if x.is_cuda else None)
+            if self.tap is not None and self.cfg.probe.signals:
+                self.tap.clear()
+                self.tap.capture = True
+        opt.zero_grad(set_to_none=True)
+        surrogate, logits, loss = self.objective(x, y)
+        if self._probe_due and self.tap is not None and self.tap.capture:
+            self.tap.capture = False
+            for h in self.tap.outputs:
+                h.retain_grad()
+        if self.cfg.guard.every and batch_idx % int(self.cfg.guard.every) == 0 and self._diverged(loss):
+            return None
+        self.manual_backward(surrogate)
+        if self.tap is not None and not self._probe_due:
+            self.tap.clear()  # drop references to this step's activations; the probe clears its own
+        if self.cfg.algorithm.max_grad_norm is not None:
+            reproject_(self.model.parameters(), float(self.cfg.algorithm.max_grad_norm))
+        opt.step()  # the alignment probe runs inside, at on_before_optimizer_step
+        self.after_step()
+        self._update_metrics("train", logits, y, loss)
+        return None
+
+    def _diverged(self, loss: torch.Tensor) -> bool:
+        """Divergence guard: a non-finite loss ends the run cleanly with status ``diverged``."""
+        bad = not bool(torch.isfinite(loss.detach()))
+        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            self.status = "diverged"
+            self.trainer.should_stop = True
+        return bad
+
+    def on_train_epoch_end(self) -> None:
+        self._log_split("train")
+        sched = self.lr_schedulers()
+        if sched is None:
+            return
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            val_loss = self.trainer.callback_metrics.get("val/loss")
+            if val_loss is not None:
+                sched.step(val_loss)
+        else:
+            sched.step()
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, split: str, batch) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self._update_metrics(split, logits, y, self.loss_fn(logits, y))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._log_split("val")
+        else:
+            for metric in self.metrics["val_m"].values():
+                metric.reset()
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        # dataloader 0 is the test set, 1 (optional) the training set in eval mode (final train error)
+        self._eval_step("test" if dataloader_idx == 0 else "train_eval", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+        if self.metrics["train_eval_m"]["acc1"].update_count:
+            self._log_split("train_eval", "final_train")
+
+
+@torch.no_grad()
+def reproject_(params, max_norm: float) -> None:
+    """Nm(Δ, c) of the rlra appendix: rescale each update tensor whose norm exceeds c onto the ball."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    for g, n in zip(grads, norms):
+        g.mul_(torch.clamp(max_norm / (n + 1e-12), max=1.0))

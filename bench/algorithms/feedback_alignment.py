@@ -1,0 +1,36 @@
+"""Feedback alignment (Lillicrap et al. 2016; sfa paper Eq. 1–3).
+
+Backward through layer l uses a fixed random B_l in place of W_lᵀ:
+    δh_{l-1} = (B_lᵀ δa_l) ⊙ φ′(a_{l-1}),   ΔW_l = δa_l h_{l-1}ᵀ.
+Every Linear/Conv2d of the model (timm models included) is converted in place by
+:func:`bench.feedback.replaced.convert_to_feedback`; B is a buffer drawn per layer.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from bench.algorithms.base import RULES, AlgorithmModule
+from bench.feedback.replaced import convert_to_feedback, feedback_layers
+
+
+@RULES.register("fa")
+class FeedbackAlignment(AlgorithmModule):
+    def setup_rule(self) -> None:
+        a = self.cfg.algorithm
+        self.converted = convert_to_feedback(self.model, a.feedback_init, a.feedback_sigma, seed=int(self.cfg.seed) + 1)
+        if not self.converted:
+            raise ValueError(f"fa: model {self.cfg.model.name} has no Linear/Conv2d layer to convert")
+        self.layers = feedback_layers(self.model)
+
+    @contextmanager
+    def true_gradient(self):
+        for layer in self.layers.values():
+            layer.use_feedback = False
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.use_feedback = True
+
+    def feedback_weight_pairs(self):
+        return {name: (layer.weight, layer.feedback) for name, layer in self.layers.items()}

@@ -1,0 +1,118 @@
+"""Alignment probe: every ``probe.every`` steps, compare the rule with backprop on the same step.
+
+It runs at ``on_before_optimizer_step``: the rule's ``.grad`` is set and the weights are those the
+update was computed from. The true gradient comes from switching the rule off in place
+(``AlgorithmModule.true_gradient``) and ``torch.autograd.grad`` into fresh tensors — no model
+copy, ``.grad`` untouched. The step's RNG state is replayed so dropout masks match, and norm-layer
+running statistics are restored so probing never changes training.
+
+Logged (epoch means, to every logger) and kept per probe in ``probe.csv`` of the run folder:
+  align/update/<layer>      ∠(rule ΔW, BP ∂L/∂W) in degrees       (0 for BP)
+  align/ratio/<layer>       ‖rule ΔW‖ / ‖BP ∂L/∂W‖                 (Moskovitz et al. Fig. 2)
+  align/signal/<point>      mean over samples of ∠(δh_i, ∂L/∂h_i)  (Launay et al. Eq. 6)
+  align/signal_std/<point>  its std over the batch
+  align/wb/<layer>          ∠(W, B) for rules with a per-layer feedback tensor
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from bench.metrics.alignment import angle_deg, norm_ratio, per_sample_angles_deg
+
+
+@contextmanager
+def preserved_buffers(model: torch.nn.Module):
+    saved = [(b, b.detach().clone()) for b in model.buffers() if b.dtype != torch.bool]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class AlignmentProbe(Callback):
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def state_dict(self):
+        return {"records": self.records}
+
+    def load_state_dict(self, state):
+        self.records = list(state.get("records", []))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not getattr(pl_module, "_probe_due", False):
+            return
+        device = pl_module.device
+        _sync(device)
+        start = time.perf_counter()
+        values = self.measure(trainer, pl_module)
+        values = {k: v for k, v in values.items()}
+        pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+        self.records.append({"step": int(pl_module.global_step), "epoch": int(trainer.current_epoch), **values})
+        _sync(device)
+        pl_module.probe_seconds += time.perf_counter() - start
+
+    @staticmethod
+    def weights(pl_module) -> list[tuple[str, torch.nn.Parameter]]:
+        """Layer weights (matrices and kernels); biases and norm scales are left out of the report."""
+        return [(n, p) for n, p in pl_module.model.named_parameters() if p.requires_grad and p.ndim >= 2]
+
+    def measure(self, trainer, pl_module) -> dict[str, float]:
+        x, y = pl_module._probe_batch
+        tap = pl_module.tap
+        named = self.weights(pl_module)
+        rule_grads = [p.grad for _, p in named]
+        rule_signals = [h.grad for h in tap.outputs] if (tap is not None and tap.outputs) else []
+        model = pl_module.model
+        cpu_state, cuda_state = pl_module._probe_rng
+        with torch.random.fork_rng(devices=[device] if (device := x.device).type == "cuda" else []):
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, device)
+            with preserved_buffers(model), pl_module.true_gradient():
+                if tap is not None:
+                    tap.clear()
+                with (tap.settings(capture=True) if tap is not None else _null()):
+                    logits = model(x)
+                points = list(tap.outputs) if tap is not None else []
+                loss = pl_module.loss_fn(logits, y)
+                grads = torch.autograd.grad(loss, [p for _, p in named] + points, allow_unused=True)
+        if tap is not None:
+            tap.clear()
+        bp_grads, bp_signals = grads[: len(named)], grads[len(named):]
+        if trainer.world_size > 1:  # the rule's .grad is already averaged over ranks
+            bp_grads = [trainer.strategy.reduce(g, reduce_op="mean") if g is not None else None for g in bp_grads]
+
+        values: dict[str, float] = {}
+        for (name, _), g_rule, g_bp in zip(named, rule_grads, bp_grads):
+            if g_rule is None or g_bp is None:
+                continue
+            layer = name.removesuffix(".weight")
+            values[f"align/update/{layer}"] = angle_deg(g_rule, g_bp)
+            values[f"align/ratio/{layer}"] = norm_ratio(g_rule, g_bp)
+        names = tap.names if tap is not None else []
+        for point, s_rule, s_bp in zip(names, rule_signals, bp_signals):
+            if s_rule is None or s_bp is None:
+                continue
+            angles = per_sample_angles_deg(s_rule, s_bp)
+            values[f"align/signal/{point}"] = float(angles.mean())
+            values[f"align/signal_std/{point}"] = float(angles.std()) if angles.numel() > 1 else 0.0
+        for layer, (w, b) in pl_module.feedback_weight_pairs().items():
+            values[f"align/wb/{layer}"] = angle_deg(w.detach(), b)
+        return values
+
+
+@contextmanager
+def _null():
+    yield

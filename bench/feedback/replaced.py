@@ -1,0 +1,133 @@
+"""Replaced-backward layers: the backward pass uses a feedback tensor B where backprop uses W.
+
+This is the one mechanism behind FA (Lillicrap et al. 2016) and every rule that only changes
+*which* B is used (uSF / sign symmetry, Kolen–Pollack, weight mirrors): those rules update the
+``feedback`` buffer, the layers stay the same.
+
+Forward is the ordinary op; backward returns
+  δx = B-transposed-op(δy)   (Linear: δy·B, Conv: conv_transpose with B)
+  ΔW = the ordinary weight gradient (depends on x and δy only),
+so the weight update reaches the optimizer as ``.grad`` through autograd (DESIGN contract).
+B is a buffer, never a Parameter, so optimizers and DDP never touch it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.feedback.init import feedback_tensor
+
+
+class _FALinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback):
+        ctx.save_for_backward(x, feedback)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feedback = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_out.matmul(feedback) if need_x else None
+        grad_w = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_b = g2.sum(0) if (need_b and ctx.has_bias) else None
+        return grad_x, grad_w, grad_b, None
+
+
+class _FAConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, feedback)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feedback = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # One fused aten call: δx is computed with B in the weight slot; ΔW depends only on x, δy.
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, feedback, [feedback.shape[0]] if has_bias else None,
+            stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b and has_bias],
+        )
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class FeedbackLayer:
+    """Mixin: ``use_feedback`` switches between the rule (B) and true backprop (W)."""
+
+    use_feedback: bool = True
+    feedback: torch.Tensor
+
+
+class FALinear(nn.Linear, FeedbackLayer):
+    def forward(self, x):
+        if self.use_feedback:
+            return _FALinearFn.apply(x, self.weight, self.bias, self.feedback)
+        return F.linear(x, self.weight, self.bias)
+
+
+class FAConv2d(nn.Conv2d, FeedbackLayer):
+    def forward(self, x):
+        if self.use_feedback:
+            return _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback, self.stride,
+                                     self._explicit_padding, self.dilation, self.groups)
+        return super().forward(x)
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"cannot convert a Conv2d with padding_mode={conv.padding_mode!r}")
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("cannot convert a padding='same' Conv2d with an even kernel")
+        return tuple(t // 2 for t in total)
+    return tuple(conv.padding)
+
+
+def _converted(layer: nn.Module, feedback: torch.Tensor) -> nn.Module:
+    """A FA twin of ``layer`` that shares its Parameters (so optimizers built later see them)."""
+    has_bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):  # built on the meta device: its own weights are never allocated
+        new = FALinear(layer.in_features, layer.out_features, has_bias, device="meta")
+    else:
+        new = FAConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                       layer.padding, layer.dilation, layer.groups, has_bias, layer.padding_mode, device="meta")
+        new._explicit_padding = _explicit_padding(layer)
+    new.weight, new.bias = layer.weight, layer.bias
+    new.register_buffer("feedback", feedback.to(layer.weight.dtype).to(layer.weight.device))
+    new.train(layer.training)
+    return new
+
+
+def convert_to_feedback(model: nn.Module, init: str = "gaussian", sigma: float = 0.05,
+                        seed: int = 0, skip: tuple[str, ...] = ()) -> list[str]:
+    """Replace every ``nn.Linear``/``nn.Conv2d`` (subclasses included, e.g. timm's) in place.
+
+    Works on any ``nn.Module`` tree. B for each layer is drawn from one generator seeded with
+    ``seed`` in module order, so every DDP rank builds the same B without a broadcast.
+    Returns the dotted names it converted (the "report"); layers in ``skip`` are left alone.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    converted = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if full in skip or isinstance(child, FeedbackLayer):
+                continue
+            if isinstance(child, (nn.Linear, nn.Conv2d)):
+                feedback = feedback_tensor(tuple(child.weight.shape), init, sigma, generator)
+                setattr(parent, child_name, _converted(child, feedback))
+                converted.append(full)
+    return converted
+
+
+def feedback_layers(model: nn.Module) -> dict[str, FeedbackLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FeedbackLayer)}

@@ -1,0 +1,76 @@
+"""Model-zoo protocol and registry.
+
+Every zoo model is an ``nn.Module`` that also answers two questions rules need:
+
+* ``feedback_points(granularity)``: the ordered (input → output) dotted names of submodules whose
+  *outputs* are feedback points. ``"micro"`` is after every layer's nonlinearity (Launay et al.
+  2020 recommend measuring there); ``"macro"`` is after every block. The output layer is never
+  a point: it always receives the true local gradient of the loss.
+* ``convertible_layers()``: the dotted names of the ``nn.Linear``/``nn.Conv2d`` layers that a
+  replaced-backward rule (FA and friends) converts.
+
+A point module must be *called once per forward*, because rules hook its output.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.registry import Registry
+
+MODELS: Registry = Registry("model")
+
+
+def linear_and_conv_names(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+class ZooModel(nn.Module):
+    """Base class; subclasses set ``self._points = {"micro": [...], "macro": [...]}``."""
+
+    _points: dict[str, list[str]]
+
+    def feedback_points(self, granularity: str = "micro") -> list[str]:
+        if granularity not in self._points:
+            raise ValueError(
+                f"model {type(self).__name__} has no {granularity!r} feedback points; "
+                f"valid choices: {', '.join(sorted(self._points))}"
+            )
+        return list(self._points[granularity])
+
+    def convertible_layers(self) -> list[str]:
+        return linear_and_conv_names(self)
+
+
+def create_model(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> ZooModel:
+    """Build ``cfg.name`` from the registry. ``cfg`` is the resolved ``model`` config section."""
+    builder = MODELS.get(str(cfg.name))
+    params = {k: v for k, v in dict(cfg).items() if k != "name"}
+    model = builder(input_shape=tuple(input_shape), num_classes=int(num_classes), **params)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def point_sizes(model: ZooModel, input_shape: tuple[int, ...], granularity: str = "micro") -> dict[str, int]:
+    """Per-sample output size l_i of every feedback point, measured with one dry forward."""
+    sizes: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[name].register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, o[0].numel()))
+        for name in model.feedback_points(granularity)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros((1, *input_shape)))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return sizes

@@ -1,0 +1,61 @@
+"""Fully connected networks of the papers (rlra Table 1: 5×256; dfa Table 2: 3×800)."""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from bench.models.activations import make_activation
+from bench.models.base import MODELS, ZooModel
+
+
+def init_linear(layer: nn.Linear, init: str, sigma: float) -> None:
+    """``gaussian``: the papers' plain N(0, σ²) (rlra tunes σ in [0.025, 0.1]);
+    ``xavier``/``kaiming``: variance-preserving (sfa §5.1); ``default``: torch's."""
+    if init == "gaussian":
+        nn.init.normal_(layer.weight, 0.0, sigma)
+    elif init == "xavier":
+        nn.init.xavier_normal_(layer.weight)
+    elif init == "kaiming":
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="linear")
+    elif init == "lecun":  # variance 1/n_in
+        nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
+    elif init != "default":
+        raise ValueError(f"unknown init {init!r}; valid choices: default, gaussian, xavier, kaiming, lecun")
+    if init != "default" and layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+@MODELS.register("mlp")
+class MLP(ZooModel):
+    """x → [Linear → (BN) → φ → (dropout)] × depth → Linear → logits.
+
+    Feedback points (micro and macro alike) are the post-activation outputs of the hidden layers.
+    """
+
+    def __init__(self, input_shape, num_classes, depth=3, width=800, activation="tanh", slope=0.01,
+                 init="default", sigma=0.05, batchnorm=False, dropout=0.0, input_dropout=0.0):
+        super().__init__()
+        in_dim = math.prod(input_shape)
+        layers: list[nn.Module] = [nn.Flatten()]
+        if input_dropout:
+            layers.append(nn.Dropout(input_dropout))
+        points = []
+        for i in range(depth):
+            lin = nn.Linear(in_dim if i == 0 else width, width)
+            init_linear(lin, init, sigma)
+            layers.append(lin)
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(make_activation(activation, slope))
+            points.append(str(len(layers) - 1))
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+        out = nn.Linear(width if depth else in_dim, num_classes)
+        init_linear(out, init, sigma)
+        layers.append(out)
+        self.net = nn.Sequential(*layers)
+        self._points = {"micro": [f"net.{p}" for p in points], "macro": [f"net.{p}" for p in points]}
+
+    def forward(self, x):
+        return self.net(x)

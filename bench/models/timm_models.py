@@ -1,0 +1,126 @@
+"""timm ResNet-18 and VGG-16, with their feedback points.
+
+Both are built with ``timm.create_model(..., pretrained=False)`` (never any downloaded weights)
+and wrapped as ``self.net``, so every point and every convertible layer name starts with
+``net.``. Conversions to FA-style layers therefore run on the real timm modules.
+
+Why the ``inplace`` flags are cleared: timm builds ``nn.ReLU(inplace=True)``. Direct-projection
+rules replace a point's output with a detached copy through the forward hook's return value; an
+in-place activation would overwrite its input (the BN output) and the hooked tensor would alias
+it. Clearing every ``inplace`` attribute costs a little memory and makes hooks safe.
+"""
+from __future__ import annotations
+
+import timm
+from timm.layers import ClassifierHead
+from timm.models.vgg import ConvMlp
+from torch import nn
+
+from bench.models.base import MODELS, ZooModel
+
+
+def disable_inplace(module: nn.Module) -> None:
+    """Turn off ``inplace`` on every submodule that has the flag (ReLU, Dropout, ...)."""
+    for m in module.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+
+
+@MODELS.register("timm:resnet18")
+class TimmResNet18(ZooModel):
+    """ResNet-18 (He et al. 2016) from timm; rlra-1/rlra-5 use ResNet-18-sized nets on CIFAR/ImageNet.
+
+    Options:
+      * ``cifar_stem`` (default False): replace the ImageNet stem (7×7 stride-2 conv + 3×3
+        max-pool, a 4× downsampling) by a 3×3 stride-1 conv and no max-pool, the usual CIFAR
+        ResNet-18 (e.g. kuangliu/pytorch-cifar, 11,173,962 parameters at 10 classes). At 32×32
+        the ImageNet stem leaves 1×1 maps in layer4, which wastes most of the network.
+      * ``drop_rate``: dropout before the classifier (timm's ``drop_rate``), default 0.
+
+    Feedback points (timm ``BasicBlock`` uses two distinct activation modules, so each is called
+    exactly once per forward):
+      * micro: ``net.act1`` (stem), then ``net.layerX.Y.act1`` and ``net.layerX.Y.act2`` for every
+        block (17 points);
+      * macro: every residual block ``net.layerX.Y`` (8 points). A block's output equals its
+        ``act2`` output (after the residual sum).
+    The classifier ``net.fc`` is the output layer and never a point.
+    """
+
+    def __init__(self, input_shape, num_classes, cifar_stem=False, drop_rate=0.0):
+        super().__init__()
+        in_chans = int(input_shape[0])
+        self.net = timm.create_model(
+            "resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
+        )
+        if cifar_stem:
+            self.net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            # timm initialises ResNet convs with kaiming_normal_(fan_out, relu); keep that here.
+            nn.init.kaiming_normal_(self.net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.net.maxpool = nn.Identity()
+        disable_inplace(self.net)
+        blocks = [f"net.{stage}.{i}" for stage in ("layer1", "layer2", "layer3", "layer4")
+                  for i in range(len(getattr(self.net, stage)))]
+        micro = ["net.act1"]
+        for b in blocks:
+            micro += [f"{b}.act1", f"{b}.act2"]
+        self._points = {"micro": micro, "macro": blocks}
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@MODELS.register("timm:vgg16")
+class TimmVGG16(ZooModel):
+    """VGG-16 (Simonyan & Zisserman 2014) from timm; dfa-3 (Launay et al. 2019, Table 3) and
+    grape-2 (GrAPE, Table 2, CIFAR-100) train it.
+
+    timm's VGG-16 is 13 3×3 convs in 5 stages (each closed by a 2×2 max-pool), then ``pre_logits``
+    = ``ConvMlp`` (a 7×7 conv 512→4096 and a 1×1 conv 4096→4096, both ReLU) and ``head.fc``.
+
+    Options:
+      * ``cifar_stem`` (default False). At 32×32 the features end at 512×1×1 and timm's ConvMlp
+        *upsamples* that to 7×7 (``adaptive_avg_pool2d``) so its 7×7 kernel fits: it runs, but
+        the 7×7 conv holds 102.8 M parameters that only ever see 49 copies of one vector. With
+        ``cifar_stem=True`` we instead use the CIFAR VGG-16 head of Zagoruyko's "92.45% on
+        CIFAR-10 in Torch" (two 512-wide fully connected layers + classifier). This keeps 16
+        weight layers (13 conv + 3 fc), the defining depth of VGG-16. The hidden layers are 1×1
+        convs (timm's own ``ConvMlp`` with ``kernel_size=1``), which at 1×1 maps is exactly a
+        Linear layer, and the head keeps timm's global pooling for other input sizes. GrAPE does
+        not say which head it used on CIFAR-100; this choice is recorded here.
+      * ``head_width`` (default 512): hidden width of that CIFAR head (ignored otherwise).
+      * ``batchnorm`` (default False): build ``vgg16_bn`` instead (BN after every conv). GrAPE
+        reports a positive effect of BN.
+      * ``drop_rate`` (default 0): dropout inside pre_logits and before the classifier.
+
+    Feedback points:
+      * micro: every ReLU of ``net.features`` (13), then ``net.pre_logits.act1``/``act2`` (2);
+      * macro: the 5 max-pools closing each stage (``net.features.{4,9,16,23,30}`` without BN),
+        then ``net.pre_logits`` as one block (the fully connected part before the classifier).
+    """
+
+    def __init__(self, input_shape, num_classes, cifar_stem=False, head_width=512, batchnorm=False,
+                 drop_rate=0.0):
+        super().__init__()
+        in_chans = int(input_shape[0])
+        name = "vgg16_bn" if batchnorm else "vgg16"
+        # With the CIFAR head, timm's ConvMlp is thrown away: mlp_ratio=1/4096 builds it with a
+        # 1-channel hidden layer so its 119 M parameters are never allocated (saves ~2 s).
+        extra = {"mlp_ratio": 1 / 4096} if cifar_stem else {}
+        self.net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                     drop_rate=drop_rate, **extra)
+        if cifar_stem:
+            self.net.pre_logits = ConvMlp(self.net.num_features, head_width, kernel_size=1, drop_rate=drop_rate)
+            self.net.head = ClassifierHead(head_width, num_classes, pool_type="avg", drop_rate=drop_rate)
+            self.net.head_hidden_size = head_width
+        disable_inplace(self.net)
+        features = self.net.features
+        acts = [f"net.features.{i}" for i, m in enumerate(features) if isinstance(m, nn.ReLU)]
+        pools = [f"net.features.{i}" for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
+        micro = acts + ["net.pre_logits.act1", "net.pre_logits.act2"]
+        self._points = {"micro": micro, "macro": pools + ["net.pre_logits"]}
+
+    def forward(self, x):
+        return self.net(x)
+
+
+__all__ = ["TimmResNet18", "TimmVGG16", "disable_inplace"]

@@ -1,0 +1,127 @@
+"""The run folder: ``config.yaml``, ``metrics.csv`` (one row per epoch), ``probe.csv``,
+``summary.json`` and ``last.ckpt`` — every file written atomically.
+
+:class:`RunRecorder` is a Lightning ``Checkpoint`` callback: Lightning calls checkpoint callbacks
+*after* the LightningModule's epoch-end hook, which is when the epoch's train metrics exist,
+and checkpointing each epoch is its job anyway (resume loses at most the current epoch).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import traceback
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+from omegaconf import DictConfig, OmegaConf
+
+from bench.results.io import read_json, write_csv, write_json, write_text
+
+FINAL_STATUSES = ("finished", "diverged", "failed")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(trainer: L.Trainer | None = None) -> str:
+    if trainer is not None and trainer.strategy.root_device.type == "cuda":
+        return torch.cuda.get_device_name(trainer.strategy.root_device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / "summary.json"
+    return read_json(path) if path.exists() else None
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return str(value)
+    return value
+
+
+class RunRecorder(Checkpoint):
+    def __init__(self, run_dir: str | Path, cfg: DictConfig, probe=None, timer=None, checkpoint: bool = True):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.probe, self.timer, self.checkpoint = probe, timer, checkpoint
+        self.rows: list[dict] = []
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "last.ckpt"
+
+    def state_dict(self):
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state):
+        self.rows = list(state.get("rows", []))
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.is_global_zero and stage == "fit":
+            write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update({k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())})
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            write_csv(self.run_dir / "metrics.csv", self.rows)
+            if self.probe is not None and self.probe.records:
+                write_csv(self.run_dir / "probe.csv", self.probe.records)
+        if self.checkpoint:
+            # Lightning saves on rank 0 only; write to a temp name and rename, so a kill never
+            # leaves a truncated checkpoint behind.
+            tmp = self.run_dir / ".last.ckpt.tmp"
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                os.replace(tmp, self.ckpt_path)
+        if trainer.is_global_zero:
+            self.write_summary(trainer, pl_module, "running")
+
+    def on_exception(self, trainer, pl_module, exception):
+        if trainer.is_global_zero and not isinstance(exception, KeyboardInterrupt):
+            self.write_summary(trainer, pl_module, "failed",
+                               error="".join(traceback.format_exception_only(type(exception), exception)).strip())
+
+    def write_summary(self, trainer, pl_module, status: str, final: dict | None = None, error: str | None = None):
+        epochs = self.timer.history if self.timer is not None else []
+        epoch_times = [e["time/epoch_s"] for e in epochs]
+        summary = {
+            "status": status,
+            "run": str(self.run_dir),
+            "table": self.cfg.table, "row": self.cfg.row, "column": self.cfg.column,
+            "budget": self.cfg.budget, "seed": int(self.cfg.seed),
+            "algorithm": self.cfg.algorithm.name, "model": self.cfg.model.name, "data": self.cfg.data.name,
+            "epochs_done": len(self.rows),
+            "last_epoch": self.rows[-1] if self.rows else {},
+            "final": final or {},
+            "time": {
+                "epoch_s_mean": sum(epoch_times) / len(epoch_times) if epoch_times else None,
+                "epoch_s": epoch_times,
+                "step_median_ms": epochs[-1]["time/step_median_ms"] if epochs else None,
+                "probe_s_total": float(pl_module.probe_seconds) if pl_module is not None else None,
+            },
+            "memory": {"peak_mb": max((e["mem/peak_mb"] for e in epochs), default=None)},
+            "git_commit": git_commit(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "device": device_name(trainer),
+            "world_size": trainer.world_size if trainer is not None else 1,
+        }
+        if error:
+            summary["error"] = error
+        write_json(self.run_dir / "summary.json", summary)
+        return summary

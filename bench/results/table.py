@@ -1,0 +1,205 @@
+"""Reproduce a paper table: expand rows × columns × seeds, run what is missing, render the result.
+
+Each cell of ``results/<id>.md`` reads ``paper → measured ± std (Δ)``; the header states the
+budget and device so a smoke number is never mistaken for a reproduction. A row whose rule does
+not exist yet reads ``not implemented``; a column whose data cannot be found reads
+``data unavailable`` while the other cells still run.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench.config import compose, load_table, run_name, table_budget
+from bench.results.io import write_csv, write_text
+from bench.results.run import device_name, git_commit, read_summary
+
+NOT_IMPLEMENTED = "not implemented"
+DATA_UNAVAILABLE = "data unavailable"
+
+
+@dataclass
+class Cell:
+    row: str
+    column: str
+    seed: int
+    cfg: DictConfig | None = None
+    status: str = "pending"  # pending | finished | diverged | failed | not implemented | data unavailable
+    summary: dict = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.row} / {self.column} / s{self.seed}"
+
+
+def row_algorithm(table: DictConfig, row: str) -> str:
+    common = table.get("common") or {}
+    return str(OmegaConf.select(table.rows[row], "algorithm.name", default=None)
+               or OmegaConf.select(OmegaConf.create(common), "algorithm.name", default="bp"))
+
+
+def expand(table_id: str, budget: str, output_root: str | None = None, overrides: list[str] = (),
+           rows: list[str] | None = None, seeds: int | None = None) -> tuple[DictConfig, list[Cell]]:
+    """All cells of a table at a budget, with their resolved configs (validated up front)."""
+    from bench.algorithms import RULES  # import here: rendering a table needs no torch import chain
+
+    table = load_table(table_id)
+    cells = []
+    for row in table.rows:
+        if rows and row not in rows:
+            continue
+        _, scalars = table_budget(table, budget, table.rows[row])
+        n_seeds = seeds or int(scalars.get("seeds", 1))
+        for column in table.columns:
+            for seed in range(n_seeds):
+                cell = Cell(row, column, seed)
+                algorithm = row_algorithm(table, row)
+                if algorithm not in RULES:
+                    cell.status, cell.reason = NOT_IMPLEMENTED, f"rule {algorithm!r} is not implemented yet"
+                else:
+                    extra = [f"seed={seed}"] + ([f"output.root={output_root}"] if output_root else []) + list(overrides)
+                    cell.cfg = compose(table_id, row, column, budget, extra)
+                    summary = read_summary(Path(cell.cfg.output.root) / run_name(cell.cfg))
+                    if summary and summary["status"] in ("finished", "diverged", "failed"):
+                        cell.status, cell.summary = summary["status"], summary
+                cells.append(cell)
+    return table, cells
+
+
+def run_cells(cells: list[Cell], train_fn: Callable[[DictConfig], dict], progress=None,
+              retry_failed: bool = False) -> None:
+    """Run every pending cell in order; one failing cell never stops the others."""
+    from bench.data import DataUnavailable
+
+    unavailable: dict[str, str] = {}
+    for cell in cells:
+        if cell.status == "failed" and retry_failed:
+            cell.status = "pending"
+        if cell.status != "pending":
+            if progress:
+                progress(cell)
+            continue
+        data_name = str(cell.cfg.data.name)
+        if data_name in unavailable:
+            cell.status, cell.reason = DATA_UNAVAILABLE, unavailable[data_name]
+        else:
+            try:
+                cell.summary = train_fn(cell.cfg)
+                cell.status = cell.summary.get("status", "failed")
+                cell.reason = cell.summary.get("error", "")
+            except DataUnavailable as exc:
+                unavailable[data_name] = str(exc)
+                cell.status, cell.reason = DATA_UNAVAILABLE, str(exc)
+            except Exception as exc:  # noqa: BLE001 - recorded in the table, the other cells go on
+                cell.status, cell.reason = "failed", f"{type(exc).__name__}: {exc}"
+        if progress:
+            progress(cell)
+
+
+# --------------------------------------------------------------------------- rendering
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def measured_values(cells: list[Cell], field_key: str) -> list[float]:
+    out = []
+    for c in cells:
+        if c.status == "finished":
+            v = c.summary.get("final", {}).get(field_key)
+            if v is not None:
+                out.append(float(v))
+    return out
+
+
+def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
+    """One record per (row, column, field): paper value, measured mean/std, Δ, status."""
+    fields = dict(table.get("metric", {}).get("fields", {"test": "test/err1"}))
+    records = []
+    for row in table.rows:
+        paper_row = table.rows[row].get("paper") or {}
+        for column in table.columns:
+            group = [c for c in cells if c.row == row and c.column == column]
+            if not group:
+                continue
+            statuses = {c.status for c in group}
+            for name, key in fields.items():
+                paper = OmegaConf.select(OmegaConf.create(paper_row), f"{column}.{name}", default=None)
+                values = measured_values(group, key)
+                mean = statistics.fmean(values) if values else None
+                std = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+                status = "finished" if values else next(
+                    (s for s in ("not implemented", "data unavailable", "diverged", "failed", "pending") if s in statuses),
+                    "pending")
+                records.append({
+                    "row": row, "column": column, "field": name, "paper": paper,
+                    "measured_mean": mean, "measured_std": std, "seeds": len(values),
+                    "delta": (mean - float(paper)) if (mean is not None and paper is not None) else None,
+                    "status": status,
+                    "reason": next((c.reason for c in group if c.reason), ""),
+                })
+    return records
+
+
+def cell_text(rec: dict) -> str:
+    paper = _fmt(rec["paper"]) if rec["paper"] is not None else "–"
+    if rec["status"] != "finished":
+        return f"{paper} → *{rec['status']}*"
+    std = f" ± {_fmt(rec['measured_std'])}" if rec["seeds"] > 1 else ""
+    delta = f" ({rec['delta']:+.2f})" if rec["delta"] is not None else ""
+    return f"{paper} → **{_fmt(rec['measured_mean'])}**{std}{delta}"
+
+
+def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: list[Cell]) -> str:
+    fields = list(dict(table.get("metric", {}).get("fields", {"test": "test/err1"})))
+    columns = list(table.columns)
+    finished = [c for c in cells if c.status == "finished"]
+    devices = sorted({c.summary.get("device", "") for c in finished}) or [device_name()]
+    epochs = sorted({c.summary.get("epochs_done") for c in finished if c.summary.get("epochs_done") is not None})
+    unit = table.get("metric", {}).get("unit", "")
+    lines = [
+        f"# {table.id}: {table.title}",
+        "",
+        f"- **budget: `{budget}`**" + (" — a smoke run proves the pipeline, it is **not** a reproduction" if budget == "smoke" else ""),
+        f"- epochs trained: {', '.join(map(str, epochs)) or '–'}; seeds per cell: up to {max([r['seeds'] for r in records] or [0])}",
+        f"- device: {'; '.join(devices)}",
+        f"- rendered {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from commit `{git_commit()[:10]}`",
+        f"- cells read `paper → measured ± std (Δ measured − paper)`, {table.get('metric', {}).get('name', 'metric')} in {unit or 'the paper’s unit'}; paper numbers are quoted from the paper, never measured here",
+        "",
+    ]
+    header = ["row"] + [f"{col} {f}" for col in columns for f in fields]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_key = {(r["row"], r["column"], r["field"]): r for r in records}
+    for row in table.rows:
+        cells_txt = []
+        for col in columns:
+            for f in fields:
+                rec = by_key.get((row, col, f))
+                cells_txt.append(cell_text(rec) if rec else "–")
+        lines.append("| " + " | ".join([row] + cells_txt) + " |")
+    reasons = sorted({(r["status"], r["reason"]) for r in records if r["status"] != "finished" and r["reason"]})
+    if reasons:
+        lines += ["", "## Why cells are empty", ""] + [f"- *{s}*: {why}" for s, why in reasons]
+    notes = table.get("notes")
+    decisions = table.get("decisions")
+    if notes or decisions:
+        lines += ["", "## Protocol notes and decisions", ""]
+        lines += [f"- {n}" for n in (notes or [])] + [f"- {d}" for d in (decisions or [])]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str | Path = "results") -> tuple[Path, str]:
+    records = aggregate(table, cells)
+    text = render_markdown(table, budget, records, cells)
+    out_dir = Path(out_dir)
+    md = out_dir / f"{table.id}.md"
+    write_text(md, text)
+    write_csv(out_dir / f"{table.id}.csv", [{"budget": budget, **r} for r in records])
+    return md, text

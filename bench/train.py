@@ -1,0 +1,99 @@
+"""Train one run from a resolved config: data → model → rule → Lightning Trainer → run folder.
+
+A run folder that already holds a finished summary is skipped; one with ``last.ckpt`` and no
+final status resumes from it (Lightning restores weights, optimizer, scheduler, loop and
+callback state; the rule's feedback tensors are buffers, so they travel in the state dict).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig
+
+from bench.algorithms import RULES
+from bench.callbacks.probe import AlignmentProbe
+from bench.callbacks.timing import EpochTimer
+from bench.config import run_name
+from bench.data import create_datamodule
+from bench.models import create_model
+from bench.results.run import FINAL_STATUSES, RunRecorder, read_summary
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    return Path(cfg.output.root) / run_name(cfg)
+
+
+def show_progress(cfg: DictConfig) -> bool:
+    mode = str(cfg.output.progress)
+    if mode == "auto":
+        return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("1", "true")
+    return mode == "rich"
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
+    t = cfg.trainer
+    strategy = t.strategy
+    if strategy == "ddp":
+        # Feedback tensors are drawn from the same seed on every rank, so broadcasting buffers
+        # every forward (DDP's default) would only cost time.
+        strategy = DDPStrategy(broadcast_buffers=False)
+    if show_progress(cfg):
+        callbacks = [*callbacks, RichProgressBar()]
+    loggers = [CSVLogger(run_dir, name="logs", version="")]
+    if cfg.output.wandb != "disabled" and os.environ.get("CI", "").lower() not in ("1", "true"):
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project="bpfree-bench", name=run_name(cfg), mode=cfg.output.wandb,
+                                   save_dir=str(run_dir)))
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        precision=t.precision, max_epochs=t.epochs, max_steps=t.max_steps, deterministic=t.deterministic,
+        callbacks=callbacks, logger=loggers, enable_progress_bar=show_progress(cfg),
+        enable_checkpointing=True,  # RunRecorder is the checkpoint callback
+        enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the in-memory loaders shard by rank themselves
+        log_every_n_steps=50, default_root_dir=str(run_dir),
+    )
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool = True) -> dict:
+    """Train (or resume, or skip) one run and return its summary."""
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+    summary = read_summary(run_dir)
+    if summary and summary["status"] in ("finished", "diverged"):
+        return summary
+    if summary and summary["status"] == "failed" and not retry_failed:
+        return summary
+    if int(cfg.trainer.threads) > 0:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    datamodule = create_datamodule(cfg.data, seed=int(cfg.seed))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = create_model(cfg.model, datamodule.input_shape, datamodule.num_classes)
+    module = RULES.get(str(cfg.algorithm.name))(cfg, model, datamodule.num_classes, datamodule.input_shape)
+
+    probe, timer = AlignmentProbe(), EpochTimer()
+    recorder = RunRecorder(run_dir, cfg, probe=probe, timer=timer, checkpoint=bool(cfg.output.checkpoint))
+    trainer = build_trainer(cfg, [timer, probe, recorder], run_dir)
+    ckpt = recorder.ckpt_path if recorder.ckpt_path.exists() else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+
+    final = {}
+    if module.status != "diverged":
+        results = trainer.test(module, dataloaders=[datamodule.test_dataloader(), datamodule.train_eval_dataloader()],
+                               verbose=False)
+        for per_loader in results:
+            final.update({k.split("/dataloader_idx")[0]: float(v) for k, v in per_loader.items()})
+    status = module.status if module.status == "diverged" else "finished"
+    summary = recorder.write_summary(trainer, module, status, final=final) if trainer.is_global_zero else {"status": status}
+    assert status in FINAL_STATUSES
+    return summary
