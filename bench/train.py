@@ -6,8 +6,10 @@ callback state; the rule's feedback tensors are buffers, so they travel in the s
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +26,17 @@ from bench.config import run_name
 from bench.data import create_datamodule
 from bench.models import create_model
 from bench.results.run import FINAL_STATUSES, RunRecorder, read_summary
+
+
+def quiet_lightning() -> None:
+    """Silence advice that does not apply here, so the output a researcher reads is the run's."""
+    for pattern in (".*sync_dist=True.*",  # values are reduced before logging (torchmetrics/max)
+                    ".*LeafSpec.*", ".*weights_only.*", ".*does not have many workers.*",
+                    ".*smaller than the logging interval.*", ".*litlogger.*"):
+        warnings.filterwarnings("ignore", pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -71,6 +84,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool
         return summary
     if summary and summary["status"] == "failed" and not retry_failed:
         return summary
+    quiet_lightning()
     if int(cfg.trainer.threads) > 0:
         torch.set_num_threads(int(cfg.trainer.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)

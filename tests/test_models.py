@@ -247,6 +247,7 @@ def test_transformer_point_sizes_and_causality():
         y, y2 = model(x), model(x2)
     torch.testing.assert_close(y[:, :5], y2[:, :5], rtol=0, atol=0)  # the past ignores the future
     assert (y[:, 5:] - y2[:, 5:]).abs().amax() > 1e-4
+    assert model.input_dtype == torch.long
     # shorter sequences than block_size are fine
     assert tuple(model(x[:, :3]).shape) == (2, 3, 11)
 

@@ -178,6 +178,20 @@ class AlgorithmModule(L.LightningModule):
         else:
             sched.step()
 
+    # ------------------------------------------------------------------ resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # RNG streams (dropout masks, probe replays) continue exactly where they stopped.
+        checkpoint["rng"] = {"torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                             "status": self.status}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, split: str, batch) -> None:
         x, y = batch

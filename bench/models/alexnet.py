@@ -12,23 +12,23 @@ CIFAR images to it (torchvision's AlexNet needs at least 63×63: at 32×32 its t
   32 → 16 → 8 → 4 → 2, giving 256·2·2 = 1024 features into the fully connected block.
   Layer by layer at 32×32×3:
 
-  ====  ====================================  ============
-  idx   layer                                 output
-  ====  ====================================  ============
-  f0    3×3 conv 64, stride 2, pad 1          64×16×16
-  f1    ReLU                                  (micro)
-  f2    2×2 max-pool                          64×8×8 (macro)
-  f3    3×3 conv 192, pad 1                   192×8×8
-  f4    ReLU                                  (micro)
-  f5    2×2 max-pool                          192×4×4 (macro)
-  f6-7  3×3 conv 384, pad 1, ReLU             384×4×4 (micro)
-  f8-9  3×3 conv 256, pad 1, ReLU             256×4×4 (micro)
-  f10-11 3×3 conv 256, pad 1, ReLU            256×4×4 (micro)
-  f12   2×2 max-pool                          256×2×2 (macro)
-  c0-2  dropout, fc ``fc_width``, ReLU        (micro)
-  c3-5  dropout, fc ``fc_width``, ReLU        (micro, macro)
-  c6    fc num_classes                        output layer
-  ====  ====================================  ============
+  ======  ====================================  ==================
+  idx     layer                                 output
+  ======  ====================================  ==================
+  f0      3×3 conv 64, stride 2, pad 1          64×16×16
+  f1      ReLU                                  (micro)
+  f2      2×2 max-pool                          64×8×8 (macro)
+  f3      3×3 conv 192, pad 1                   192×8×8
+  f4      ReLU                                  (micro)
+  f5      2×2 max-pool                          192×4×4 (macro)
+  f6-7    3×3 conv 384, pad 1, ReLU             384×4×4 (micro)
+  f8-9    3×3 conv 256, pad 1, ReLU             256×4×4 (micro)
+  f10-11  3×3 conv 256, pad 1, ReLU             256×4×4 (micro)
+  f12     2×2 max-pool                          256×2×2 (macro)
+  c0-2    dropout, fc ``fc_width``, ReLU        (micro)
+  c3-5    dropout, fc ``fc_width``, ReLU        (micro, macro)
+  c6      fc num_classes                        output layer
+  ======  ====================================  ==================
 
 Options: ``cifar`` (False), ``dropout`` (0.5, both variants, as torchvision), ``fc_width``
 (4096, the AlexNet width; only used with ``cifar=True``).

@@ -5,9 +5,8 @@
 
 * dfa-4 (Launay et al. 2019, Table 4): "a CNN with 3 convolutional layers and a one layer
   classifier", tanh, He init, with/without BN and dropout. The paper gives no widths, kernels or
-  pooling; the defaults here (32-64-64 channels, 5×5 "same" convs, 2×2 max-pool after each,
-  following the CIFAR-10 conv net of Nøkland 2016, the DFA paper it builds on) are our choice
-  and the table config should say so.
+  pooling; the defaults here (a LeNet-style 32-64-64 stack of 5×5 "same" convs, each followed
+  by a 2×2 max-pool) are our choice, and the dfa-4 table config should record it.
 * sfa CIFAR-10 Model 1 (Moskovitz et al. 2018, Table 2):
   ``channels=[64, 64], kernel=5, activation=relu, hidden=[384, 192]`` on 24×24 crops.
 * ``sfa_mnist`` below (its MNIST column), registered separately so its tables name it directly.
@@ -128,17 +127,17 @@ class SfaMnist(CNN):
     sfa-1 (Table 1, MNIST column). At 28×28×1 (convs padded "same", which the table leaves open;
     with it the dense layer sees 7×7×64, as in the TensorFlow MNIST tutorial net it matches):
 
-    =====  =================================  ==================  ==================
-    layer  Table 2                            module              output
-    =====  =================================  ==================  ==================
-    1      5×5 conv. 32 ReLU                  features.0.conv/act  32×28×28 (micro)
-    2      2×2 max-pool stride 2              features.0.pool      32×14×14 (macro)
-    3      5×5 conv. 64 ReLU                  features.1.conv/act  64×14×14 (micro)
-    4      2×2 max-pool stride 2              features.1.pool      64×7×7 (macro)
-    5      1024 dense ReLU                    hidden.0.fc/act      1024 (micro, macro)
+    =====  =================================  ====================  ====================
+    layer  Table 2                            module                output
+    =====  =================================  ====================  ====================
+    1      5×5 conv. 32 ReLU                  features.0.conv/act   32×28×28 (micro)
+    2      2×2 max-pool stride 2              features.0.pool       32×14×14 (macro)
+    3      5×5 conv. 64 ReLU                  features.1.conv/act   64×14×14 (micro)
+    4      2×2 max-pool stride 2              features.1.pool       64×7×7 (macro)
+    5      1024 dense ReLU                    hidden.0.fc/act       1024 (micro, macro)
     --     dropout p=0.5 (sfa §7.1, layer 5)  hidden.0.drop
-    6      10-way softmax                     classifier           10 (output layer)
-    =====  =================================  ==================  ==================
+    6      10-way softmax                     classifier            10 (output layer)
+    =====  =================================  ====================  ====================
 
     Option: ``dropout`` (0.5, sfa §7.1). The input shape comes from the data (any H×W works).
     """

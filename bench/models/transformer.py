@@ -7,8 +7,8 @@ GPT-2-style stack (pre-LayerNorm blocks, GELU MLP of width 4·n_embd, learned po
 size is set in the config.
 
 Input: ``(B, T)`` token ids with ``T ≤ block_size`` (``input_shape = (T,)``); output: logits
-``(B, T, vocab_size)`` with ``vocab_size = num_classes``. Float ids (the zero tensor of
-``point_sizes``' dry run) are cast to long.
+``(B, T, vocab_size)`` with ``vocab_size = num_classes``. ``input_dtype = torch.long`` tells
+dry-run code which dtype to feed; float ids (e.g. the zero tensor of ``point_sizes``) are cast.
 
 Options: ``n_layer`` (2), ``n_head`` (4), ``n_embd`` (128), ``block_size`` (default: the input
 length ``input_shape[0]``), ``dropout`` (0), ``bias`` (True), ``tie_weights`` (False: unlike
@@ -85,6 +85,8 @@ class Block(nn.Module):
 @MODELS.register("transformer")
 class TransformerLM(ZooModel):
     """nanoGPT-style decoder-only LM (grape-3); see the module docstring for options and points."""
+
+    input_dtype = torch.long  # read by rules that build dry-run inputs (token ids, not pixels)
 
     def __init__(self, input_shape, num_classes, n_layer=2, n_head=4, n_embd=128, block_size=None,
                  dropout=0.0, bias=True, tie_weights=False):

@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -85,7 +84,7 @@ class RunRecorder(Checkpoint):
             # Lightning saves on rank 0 only; write to a temp name and rename, so a kill never
             # leaves a truncated checkpoint behind.
             tmp = self.run_dir / ".last.ckpt.tmp"
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)
             if trainer.is_global_zero:
                 os.replace(tmp, self.ckpt_path)
         if trainer.is_global_zero:
