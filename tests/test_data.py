@@ -71,7 +71,8 @@ def assert_mnist_like(dm, arrays):
     assert dm.input_shape == (1, 28, 28) and dm.num_classes == 10
     for loader, prefix in [(dm.train_eval_dataloader(), "train"), (dm.test_dataloader(), "t10k")]:
         x, y = collect(loader)
-        expected = torch.from_numpy(arrays[f"{prefix}-images-idx3-ubyte"]).float().unsqueeze(1) / 255
+        images = torch.from_numpy(arrays[f"{prefix}-images-idx3-ubyte"])
+        expected = images.float().unsqueeze(1) / 255
         assert torch.equal(x, expected)
         assert y.tolist() == arrays[f"{prefix}-labels-idx1-ubyte"].tolist()
 
@@ -89,7 +90,8 @@ def test_read_idx_rejects_bad_magic_and_truncation(tmp_path):
         read_idx(tmp_path / "magic")
     write_idx(tmp_path / "short", np.zeros((2, 3), np.uint8))
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
-    with pytest.raises(ValueError, match=r"short: header promises shape \(2, 3\) \(6 bytes\), file holds 5"):
+    expected = r"short: header promises shape \(2, 3\) \(6 bytes\), file holds 5"
+    with pytest.raises(ValueError, match=expected):
         read_idx(tmp_path / "short")
 
 
@@ -107,9 +109,13 @@ def test_mnist_reads_torchvision_layout_exactly(tmp_path):
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not (DEBIAN / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed"
+)
 def test_debian_fmnist_has_the_rlra_split_sizes(tmp_path):
-    dm = loaded(name="fmnist", root=str(tmp_path), val_size=2000, batch_size=32, eval_batch_size=1000)
+    dm = loaded(
+        name="fmnist", root=str(tmp_path), val_size=2000, batch_size=32, eval_batch_size=1000
+    )
     assert (len(dm.train[1]), len(dm.val[1]), len(dm.test[1])) == (58000, 2000, 10000)
     assert dm.input_shape == (1, 28, 28) and dm.num_classes == 10
     assert dm.test[1][:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]  # first t10k labels
@@ -129,7 +135,8 @@ def write_cifar(root: Path, batches: dict[str, int], label_key: str, meta: tuple
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = rng.integers(0, meta[2], n).tolist()
         with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, label_key: labels, "data": data, "filenames": [""] * n}, f)
+            batch = {"batch_label": name, label_key: labels, "data": data, "filenames": [""] * n}
+            pickle.dump(batch, f)
         written[name] = (data, labels)
     with open(folder / meta[0], "wb") as f:
         pickle.dump({meta[1]: [f"class{i}" for i in range(meta[2])]}, f)
@@ -155,7 +162,8 @@ def test_cifar10_reads_pickle_batches_exactly(tmp_path):
 
 
 def test_cifar100_reads_fine_labels_exactly(tmp_path):
-    written = write_cifar(tmp_path, {"train": 6, "test": 4}, "fine_labels", ("meta", "fine_label_names", 100))
+    meta = ("meta", "fine_label_names", 100)
+    written = write_cifar(tmp_path, {"train": 6, "test": 4}, "fine_labels", meta)
     dm = loaded(name="cifar100", root=str(tmp_path), verify=False)
     assert dm.num_classes == 100
     for loader, name in [(dm.train_eval_dataloader(), "train"), (dm.test_dataloader(), "test")]:
@@ -184,7 +192,8 @@ def test_imagenet_reads_image_folders(tmp_path):
     dm = loaded(name="imagenet", root=str(tmp_path), val_size=2, batch_size=2, eval_batch_size=3)
     assert dm.input_shape == (3, 8, 8) and dm.num_classes == 2
     assert (len(dm.train), len(dm.val), len(dm.train_eval), len(dm.test)) == (4, 2, 4, 4)
-    colours = torch.tensor(list(COLOURS.values())).float() / 255  # solid images: any crop keeps the colour
+    # solid images: any crop or resize keeps the colour
+    colours = torch.tensor(list(COLOURS.values())).float() / 255
     for loader in [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()]:
         for x, y in loader:
             assert x.shape[1:] == (3, 8, 8)
@@ -227,7 +236,8 @@ def test_datamodule_holds_out_val_rows_of_the_training_set():
     dm = loaded(val_size=10, train_subset=25)
     raw = make_synthetic(dm.cfg, seed=0)
     rows = {tuple(r) for r in raw.train_x.tolist()}
-    train_rows, val_rows = {tuple(r) for r in dm.train[0].tolist()}, {tuple(r) for r in dm.val[0].tolist()}
+    train_rows = {tuple(r) for r in dm.train[0].tolist()}
+    val_rows = {tuple(r) for r in dm.val[0].tolist()}
     assert (len(train_rows), len(val_rows)) == (25, 10)
     assert train_rows | val_rows <= rows and not train_rows & val_rows
 
@@ -235,7 +245,8 @@ def test_datamodule_holds_out_val_rows_of_the_training_set():
 def test_standard_normalization_uses_training_split_statistics():
     dm = loaded(shape=[3, 2, 2], normalize="standard", val_size=10)
     mean, std = dm.train[0].mean(dim=(0, 2, 3)), dm.train[0].std(dim=(0, 2, 3))
-    assert torch.allclose(mean, torch.zeros(3), atol=1e-5) and torch.allclose(std, torch.ones(3), atol=1e-5)
+    assert torch.allclose(mean, torch.zeros(3), atol=1e-5)
+    assert torch.allclose(std, torch.ones(3), atol=1e-5)
     assert not torch.allclose(dm.val[0].mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-3)
 
 
@@ -266,7 +277,9 @@ def test_two_ranks_at_batch_b_see_what_one_rank_sees_at_2b(augment):
     n, b = 43, 4
     for epoch in (0, 1):
         single = epoch_batches(n, 2 * b, epoch=epoch, augment=augment)
-        ranks = [epoch_batches(n, b, rank=r, world_size=2, epoch=epoch, augment=augment) for r in (0, 1)]
+        ranks = [
+            epoch_batches(n, b, rank=r, world_size=2, epoch=epoch, augment=augment) for r in (0, 1)
+        ]
         assert len(single) == len(ranks[0]) == len(ranks[1]) == n // (2 * b)  # last partial dropped
         for (x, y), (x0, y0), (x1, y1) in zip(single, *ranks):
             assert torch.equal(y, torch.cat([y0, y1])) and torch.equal(x, torch.cat([x0, x1]))
@@ -301,7 +314,9 @@ def test_datamodule_reads_rank_world_size_and_epoch_from_the_trainer():
     dm.trainer = SimpleNamespace(global_rank=1, world_size=2, current_epoch=3)
     loader = dm.train_dataloader()
     assert (loader.rank, loader.world_size, loader.epoch()) == (1, 2, 3)
-    expected = InMemoryLoader(*dm.train, 4, rank=1, world_size=2, train=True, seed=0, epoch=lambda: 3)
+    expected = InMemoryLoader(
+        *dm.train, 4, rank=1, world_size=2, train=True, seed=0, epoch=lambda: 3
+    )
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(loader, expected, strict=True))
 
 
@@ -319,11 +334,15 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 def test_lightning_trainer_sees_the_seeded_order_of_each_epoch():
     dm = create_datamodule(make_cfg(n_train=20), seed=5)
     model = Recorder()
-    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(model, dm)
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(model, dm)
     for epoch in (0, 1):
         loader = InMemoryLoader(*dm.train, 4, train=True, seed=5, epoch=lambda: epoch)
         assert model.seen[epoch] == torch.cat([y for _, y in loader]).tolist()

@@ -1,0 +1,196 @@
+"""``make perf``: speed of every rule as a ratio to backprop, measured side by side in one process.
+
+These machines are noisy, so nothing here is a test and every number is a ratio taken with the
+rules interleaved: each repeat times every rule once, in a shuffled order, on the same batch, and
+the reported ratio is the median over repeats of (rule time / BP time in that repeat).
+
+* **update time** = forward + the rule's backward, up to the point where every ``.grad`` is set
+  (``objective`` + ``backward``); the optimizer step, identical for every rule, is timed apart.
+* **suite overhead** = the suite's train-only BP epoch (EpochTimer) ÷ a plain PyTorch loop over
+  the same in-memory data with the same model, optimizer and batch size.
+* **probe overhead** = probe seconds ÷ train seconds at the default probe interval.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.config import compose
+from bench.results.io import write_csv
+from bench.results.run import device_name
+
+UPDATE_CASES = [
+    # (name, model overrides, data shape, rules, targets {rule: max ratio})
+    ("mlp-3x800-tanh", ["model.name=mlp", "model.depth=3", "model.width=800", "model.activation=tanh"],
+     [1, 28, 28], {"fa": 1.05, "dfa": 0.85}),
+    ("sfa-mnist-cnn", ["model.name=sfa_mnist"], [1, 28, 28], {"fa": 1.05}),
+]
+
+
+def build_module(rule: str, model_overrides: list[str], shape: list[int], num_classes: int = 10, seed: int = 0):
+    from bench.algorithms import RULES
+    from bench.models import create_model
+
+    cfg = compose(overrides=[f"algorithm.name={rule}", f"seed={seed}", "data.name=synthetic",
+                             f"data.shape=[{','.join(map(str, shape))}]", *model_overrides])
+    torch.manual_seed(seed)
+    model = create_model(cfg.model, tuple(shape), num_classes)
+    return RULES.get(rule)(cfg, model, num_classes, tuple(shape))
+
+
+def _time_update(module, x, y, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        for p in module.model.parameters():
+            p.grad = None
+        surrogate, _, _ = module.objective(x, y)
+        surrogate.backward()
+    return (time.perf_counter() - start) / iters
+
+
+def _time_step(optimizer, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        optimizer.step()
+    return (time.perf_counter() - start) / iters
+
+
+def update_ratios(repeats: int, batch: int = 128, iters: int = 5, cases=UPDATE_CASES) -> list[dict]:
+    rows = []
+    for case, overrides, shape, targets in cases:
+        rules = ["bp", *targets]
+        modules = {r: build_module(r, overrides, shape) for r in rules}
+        optimizers = {r: torch.optim.Adam(m.model.parameters(), lr=1e-6, fused=True) for r, m in modules.items()}
+        x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+        for r, m in modules.items():  # warm-up: allocator, kernels, optimizer state
+            _time_update(m, x, y, 2)
+            optimizers[r].step()
+        times = {r: [] for r in rules}
+        steps = {r: [] for r in rules}
+        order = list(rules)
+        for _ in range(repeats):
+            random.shuffle(order)
+            for r in order:
+                times[r].append(_time_update(modules[r], x, y, iters))
+                steps[r].append(_time_step(optimizers[r], iters))
+        for r in rules:
+            ratios = [t / b for t, b in zip(times[r], times["bp"])]
+            ratio = statistics.median(ratios)
+            target = targets.get(r)
+            rows.append({
+                "benchmark": "update_time", "case": case, "rule": r, "batch": batch,
+                "median_ms": 1000 * statistics.median(times[r]),
+                "optimizer_step_ms": 1000 * statistics.median(steps[r]),
+                "ratio_to_bp": ratio, "target": f"<= {target}" if target else "",
+                "meets_target": (ratio <= target) if target else "",
+            })
+    return rows
+
+
+def _epoch_data(limit_batches: int | None):
+    """FMNIST when installed (the issue's protocol), else the synthetic stand-in of the same shape."""
+    from bench.data import DataUnavailable, create_datamodule
+
+    for name in ("fmnist", "synthetic"):
+        cfg = compose(overrides=["algorithm.name=bp", "model.name=mlp", "model.depth=5", "model.width=256",
+                                 "model.activation=tanh", "data.batch_size=32", f"data.name={name}",
+                                 "data.n_train=60000", "algorithm.lr=2e-4", "probe.every=0", "output.checkpoint=false",
+                                 "output.progress=none", "trainer.epochs=1"])
+        if limit_batches:
+            cfg.data.train_subset = limit_batches * 32
+        try:
+            dm = create_datamodule(cfg.data, seed=0)
+            dm.prepare_data()
+            dm.setup("fit")
+            return cfg, dm
+        except DataUnavailable:
+            continue
+    raise RuntimeError("no data for the epoch benchmark")
+
+
+def plain_epoch(cfg, dm) -> float:
+    """The floor: the same model, data, optimizer and batch size in a hand-written loop."""
+    from bench.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(cfg.model, dm.input_shape, dm.num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.algorithm.lr, fused=True)
+    loader = dm.train_dataloader()
+    start = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def suite_epoch(cfg, out_root: Path, tag: str) -> tuple[float, float]:
+    from bench.train import train
+
+    cfg = cfg.copy()
+    cfg.output.root = str(out_root / tag)
+    summary = train(cfg)
+    return summary["time"]["epoch_s_mean"], summary["time"]["probe_s_total"]
+
+
+def epoch_ratios(repeats: int, out_root: Path, limit_batches: int | None = None) -> list[dict]:
+    cfg, dm = _epoch_data(limit_batches)
+    suite, plain = [], []
+    for i in range(repeats):
+        suite.append(suite_epoch(cfg, out_root, f"suite{i}")[0])
+        plain.append(plain_epoch(cfg, dm))
+    ratio = statistics.median(s / p for s, p in zip(suite, plain))
+    rows = [{"benchmark": "suite_epoch", "case": f"mlp-5x256-tanh {cfg.data.name} b32", "rule": "bp", "batch": 32,
+             "median_ms": 1000 * statistics.median(suite), "optimizer_step_ms": "",
+             "ratio_to_bp": ratio, "target": "<= 1.2 (vs plain PyTorch loop)", "meets_target": ratio <= 1.2},
+            {"benchmark": "plain_epoch", "case": f"mlp-5x256-tanh {cfg.data.name} b32", "rule": "bp", "batch": 32,
+             "median_ms": 1000 * statistics.median(plain), "optimizer_step_ms": "", "ratio_to_bp": 1.0,
+             "target": "", "meets_target": ""}]
+    # Probe overhead at the default interval, on the same epoch.
+    default_every = int(compose().probe.every)
+    probed = cfg.copy()
+    probed.probe.every = default_every
+    fractions = []
+    for i in range(max(1, repeats // 2)):
+        epoch_s, probe_s = suite_epoch(probed, out_root, f"probe{i}")
+        fractions.append(probe_s / epoch_s)
+    frac = statistics.median(fractions)
+    rows.append({"benchmark": "probe_overhead", "case": f"every {default_every} steps", "rule": "bp", "batch": 32,
+                 "median_ms": "", "optimizer_step_ms": "", "ratio_to_bp": frac, "target": "<= 0.05 of epoch time",
+                 "meets_target": frac <= 0.05})
+    return rows
+
+
+def main(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.train import quiet_lightning
+
+    quiet_lightning()
+    repeats = 5 if args.quick else args.repeats
+    rows = update_ratios(repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += epoch_ratios(2 if args.quick else 3, Path(tmp), limit_batches=200 if args.quick else None)
+    device = device_name()
+    for r in rows:
+        r["device"], r["repeats"] = device, repeats
+        r["torch_threads"] = torch.get_num_threads()
+    write_csv(args.out, rows)
+    table = Table(title=f"perf ({device}); ratios are medians of per-repeat ratios")
+    for col in ("benchmark", "case", "rule", "median_ms", "optimizer_step_ms", "ratio_to_bp", "target", "meets_target"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in
+                        ("benchmark", "case", "rule", "median_ms", "optimizer_step_ms", "ratio_to_bp", "target", "meets_target")])
+    Console().print(table)
+    print(f"wrote {args.out}")
