@@ -11,13 +11,14 @@ from bench.models.base import MODELS, ZooModel
 
 def init_linear(layer: nn.Linear, init: str, sigma: float) -> None:
     """``gaussian``: the papers' plain N(0, σ²) (rlra tunes σ in [0.025, 0.1]);
-    ``xavier``/``kaiming``: variance-preserving (sfa §5.1); ``default``: torch's."""
+    ``xavier``: Glorot; ``kaiming``: He, N(0, 2/n_in) (the dfa paper's "He initialization");
+    ``lecun``: N(0, 1/n_in) (sfa §5.1's forward variance 1/n_in); ``default``: torch's."""
     if init == "gaussian":
         nn.init.normal_(layer.weight, 0.0, sigma)
     elif init == "xavier":
         nn.init.xavier_normal_(layer.weight)
     elif init == "kaiming":
-        nn.init.kaiming_normal_(layer.weight, nonlinearity="linear")
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
     elif init == "lecun":  # variance 1/n_in
         nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
     elif init != "default":

@@ -1,0 +1,53 @@
+# bpfree-bench. Every target sets itself up on first use (`make setup` is idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUDGET ?= smoke
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help setup data test test-slow perf regress baseline
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z%_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
+	@echo "  BUDGET=smoke|short|full   budget for reproduce-table-<id> (default: smoke)"
+
+setup: $(STAMP) data ## create .venv, install the package (+dev), install Fashion-MNIST where apt exists
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "bpfree-bench needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+data: ## install the embedded default dataset (Debian package dataset-fashion-mnist)
+	@if [ -d $(FMNIST_DIR) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+	  || echo "warning: could not install dataset-fashion-mnist; FMNIST will be downloaded by torchvision into data.root"; \
+	else \
+	  echo "note: no apt-get here; Fashion-MNIST will be downloaded by torchvision into data.root (default ./data)," ; \
+	  echo "      or point data.root at a folder holding the four IDX files"; \
+	fi
+
+test: setup ## run the fast test suite (the README's test command)
+	$(PY) -m pytest -q
+
+test-slow: setup ## run the slow tests too
+	$(PY) -m pytest -q -m "slow or not slow"
+
+reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET) and render results/<id>.md
+	$(PY) -m bench table $* --budget $(BUDGET)
+
+perf: setup ## speed ratios against backprop, written to results/perf/cpu.csv
+	$(PY) -m bench perf --out results/perf/cpu.csv
+
+regress: setup ## rerun the CI accuracy baselines (results/baselines/cpu.json)
+	$(PY) -m bench regress --baseline results/baselines/cpu.json
+
+baseline: setup ## re-measure and rewrite the CI accuracy baselines
+	$(PY) -m bench regress --write --baseline results/baselines/cpu.json

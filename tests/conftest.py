@@ -1,0 +1,79 @@
+"""Shared fixtures: one shrunken config for every test that trains, and helpers to run the CLI.
+
+``small_cfg(*overrides)`` composes a real run config (base + group files + overrides, validated)
+for the synthetic dataset, a 2×8 MLP, two optimizer steps, no probe, no progress bar, with run
+folders under the test's ``tmp_path``. Tests pass only the overrides that matter to them.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.config import compose
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL = [
+    "data.name=synthetic",
+    "data.shape=[12]",
+    "data.num_classes=3",
+    "data.n_train=160",
+    "data.n_test=48",
+    "data.val_size=32",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "model.depth=2",
+    "model.width=8",
+    "trainer.max_steps=2",
+    "probe.every=0",
+    "output.progress=none",
+]
+
+
+@pytest.fixture
+def small_cfg(tmp_path):
+    """Factory: ``small_cfg("algorithm.name=fa", ..., table=None, row=None, column=None, budget=None)``."""
+
+    def make(*overrides: str, table=None, row=None, column=None, budget=None):
+        return compose(table, row, column, budget,
+                       [*SMALL, f"output.root={tmp_path / 'runs'}", *overrides])
+
+    return make
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Every run folder (one holding config.yaml) under ``root``."""
+    return sorted(p.parent for p in Path(root).rglob("config.yaml"))
+
+
+def one_run_dir(root: Path) -> Path:
+    dirs = run_dirs(root)
+    assert len(dirs) == 1, f"expected one run folder under {root}, found {dirs}"
+    return dirs[0]
+
+
+def load_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, CI="true", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m bench <args>`` in a fresh process (what a user types)."""
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(), cwd=cwd or REPO)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_ci(monkeypatch):
+    # In-process runs: no progress bar, no W&B, whatever the developer's shell says.
+    monkeypatch.setenv("CI", "true")
