@@ -1,0 +1,121 @@
+"""A paper table end to end on synthetic data: expand → run → render, with the two kinds of empty
+cells (``not implemented``, ``data unavailable``), and skip-on-rerun of finished cells."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+import bench.config as config
+from bench.results.io import read_csv
+from bench.results.table import DATA_UNAVAILABLE, NOT_IMPLEMENTED, expand, run_cells, write_table
+from bench.train import train
+
+TABLE_ID = "test-synth"
+PAPER = {
+    "BP": {"synth": {"train": 1.25, "test": 2.5}, "mnist": {"train": 0.0, "test": 1.48}},
+    "FA": {"synth": {"train": 3.0, "test": 4.75}, "mnist": {"train": 0.0, "test": 1.85}},
+    "Not a rule": {"synth": {"train": 5.0, "test": 6.0}},
+}
+
+
+@pytest.fixture
+def table_configs(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    shutil.copytree(config.CONFIG_DIR, configs)
+    table = {
+        "id": TABLE_ID,
+        "title": "Synthetic check table",
+        "metric": {"name": "error", "unit": "%", "fields": {"train": "final_train/err1", "test": "test/err1"}},
+        "columns": {
+            "synth": {"data": {"name": "synthetic", "shape": [10], "num_classes": 3, "n_train": 160,
+                               "n_test": 40, "val_size": 32, "eval_batch_size": 64}},
+            "mnist": {"data": {"name": "mnist", "root": str(tmp_path / "no-mnist"), "download": False}},
+        },
+        "common": {"model": {"name": "mlp", "depth": 1, "width": 8}, "data": {"batch_size": 16},
+                   "algorithm": {"optimizer": "sgd", "lr": 0.1},
+                   "probe": {"every": 0}, "output": {"progress": "none"}},
+        "rows": {
+            "BP": {"algorithm": {"name": "bp"}, "paper": PAPER["BP"]},
+            "FA": {"algorithm": {"name": "fa"}, "paper": PAPER["FA"]},
+            "Not a rule": {"algorithm": {"name": "notarule"}, "paper": PAPER["Not a rule"]},
+        },
+        "budgets": {"tiny": {"epochs": 1, "seeds": 1}},
+        "decisions": ["a decision recorded for the test"],
+    }
+    (configs / "tables" / f"{TABLE_ID}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(table)))
+    (configs / "budget" / "tiny.yaml").write_text("name: tiny\nepochs: 1\ntrain_subset: 96\nseeds: 1\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", configs)
+    return configs
+
+
+def test_table_renders_end_to_end(tmp_path, table_configs):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    table, cells = expand(TABLE_ID, "tiny", output_root=str(runs))
+    assert [(c.row, c.column, c.status) for c in cells] == [
+        ("BP", "synth", "pending"), ("BP", "mnist", "pending"),
+        ("FA", "synth", "pending"), ("FA", "mnist", "pending"),
+        ("Not a rule", "synth", NOT_IMPLEMENTED), ("Not a rule", "mnist", NOT_IMPLEMENTED),
+    ]
+    synth_cfg = cells[0].cfg
+    assert synth_cfg.data.train_subset == 96 and synth_cfg.trainer.epochs == 1 and synth_cfg.budget == "tiny"
+
+    trained = []
+
+    def train_fn(cfg):
+        trained.append((cfg.row, cfg.column))
+        return train(cfg)
+
+    run_cells(cells, train_fn)
+    # mnist fails once with DataUnavailable; the FA/mnist cell reuses that verdict without training
+    assert trained == [("BP", "synth"), ("BP", "mnist"), ("FA", "synth")]
+    status = {(c.row, c.column): c.status for c in cells}
+    assert status == {("BP", "synth"): "finished", ("BP", "mnist"): DATA_UNAVAILABLE,
+                      ("FA", "synth"): "finished", ("FA", "mnist"): DATA_UNAVAILABLE,
+                      ("Not a rule", "synth"): NOT_IMPLEMENTED, ("Not a rule", "mnist"): NOT_IMPLEMENTED}
+    assert "mnist" in cells[1].reason and str(tmp_path / "no-mnist") in cells[1].reason
+
+    md, text = write_table(table, "tiny", cells, out_dir=results)
+    assert md == results / f"{TABLE_ID}.md" and md.read_text() == text
+    assert "budget: `tiny`" in text
+    assert "epochs trained: 1" in text
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    for cell in cells:
+        if cell.status != "finished":
+            continue
+        test_err = cell.summary["final"]["test/err1"]
+        train_err = cell.summary["final"]["final_train/err1"]
+        assert 0.0 <= test_err <= 100.0
+        paper = PAPER[cell.row]["synth"]
+        line = lines[cell.row]
+        assert f"{paper['test']:.2f} → **{test_err:.2f}** ({test_err - paper['test']:+.2f})" in line
+        assert f"{paper['train']:.2f} → **{train_err:.2f}** ({train_err - paper['train']:+.2f})" in line
+    assert "1.48 → *data unavailable*" in lines["BP"] and "1.85 → *data unavailable*" in lines["FA"]
+    assert "6.00 → *not implemented*" in lines["Not a rule"]
+    assert "– → *not implemented*" in lines["Not a rule"]  # no paper number for that column
+    assert "rule 'notarule' is not implemented yet" in text
+    assert "a decision recorded for the test" in text
+
+    rows = read_csv(results / f"{TABLE_ID}.csv")
+    assert len(rows) == 3 * 2 * 2  # rows × columns × fields
+    assert {r["budget"] for r in rows} == {"tiny"}
+    by_key = {(r["row"], r["column"], r["field"]): r for r in rows}
+    bp_test = by_key[("BP", "synth", "test")]
+    assert bp_test["status"] == "finished" and bp_test["seeds"] == "1"
+    assert float(bp_test["measured_mean"]) == pytest.approx(cells[0].summary["final"]["test/err1"])
+    assert float(bp_test["paper"]) == 2.5
+    assert float(bp_test["delta"]) == pytest.approx(cells[0].summary["final"]["test/err1"] - 2.5)
+    assert by_key[("FA", "mnist", "train")]["status"] == DATA_UNAVAILABLE
+    assert by_key[("Not a rule", "synth", "test")]["status"] == NOT_IMPLEMENTED
+
+    # a second expand finds the finished cells and does not run them again
+    _, again = expand(TABLE_ID, "tiny", output_root=str(runs))
+    status = {(c.row, c.column): c.status for c in again}
+    assert status[("BP", "synth")] == status[("FA", "synth")] == "finished"
+    assert status[("BP", "mnist")] == "pending"  # no run folder: retried next time
+    finished = {(c.row, c.column): c.summary["final"]["test/err1"] for c in again if c.status == "finished"}
+    assert finished == {(c.row, c.column): c.summary["final"]["test/err1"] for c in cells if c.status == "finished"}
+    trained.clear()
+    run_cells(again, train_fn)
+    assert trained == [("BP", "mnist")]
