@@ -18,11 +18,12 @@ def _fail(message: str, status: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    run, dotlist = parse_cli(args.overrides)
+    # Validate before importing Lightning, so a typo costs a second, not ten.
+    cfg = compose(run.get("table"), run.get("row"), run.get("column"), run.get("budget"), dotlist)
     from bench.data import DataUnavailable
     from bench.train import run_dir_for, train
 
-    run, dotlist = parse_cli(args.overrides)
-    cfg = compose(run.get("table"), run.get("row"), run.get("column"), run.get("budget"), dotlist)
     try:
         summary = train(cfg, retry_failed=True)
     except DataUnavailable as exc:

@@ -27,6 +27,13 @@ GROUPS = ("algorithm", "model", "data", "trainer")
 RUN_KEYS = ("table", "row", "column", "budget")
 # A budget file holds these keys; anything else in a budget block must be a config section.
 BUDGET_KEYS = {"name": str, "epochs": int, "train_subset": int, "seeds": int}
+# Keys whose default is null still have a type; a value given for them is checked against it.
+NULLABLE_TYPES = {"table": "", "row": "", "column": "", "budget": "", "variant": "",
+                  "data.train_subset": 0, "algorithm.max_grad_norm": 0.0, "model.block_size": 0}
+# Overrides that change where or how fast a run goes, never what it computes: they do not make
+# a table run a different variant (and so a different run folder).
+NEUTRAL_PREFIXES = ("seed=", "output.", "probe.", "guard.", "trainer.threads=", "trainer.name=",
+                    "trainer.accelerator=", "trainer.precision=")
 TABLE_KEYS = {"id", "title", "paper", "metric", "columns", "common", "rows", "budgets", "notes", "decisions"}
 ROW_META_KEYS = {"paper", "budgets", "note", "cited"}  # row keys that are not config sections
 
@@ -88,7 +95,7 @@ def resolve_name(kind: str, given: str, names: Iterable[str], table_id: str) -> 
     for n in names:
         if given == n or slug(given) == slug(n):
             return n
-    raise ConfigError(f"unknown {kind} {given!r} of table {table_id}; valid choices: {', '.join(names)}")
+    raise ConfigError(f"unknown {kind} {given!r} of table {table_id}; valid choices: {', '.join(map(repr, names))}")
 
 
 def row_sections(row: DictConfig) -> DictConfig:
@@ -143,8 +150,12 @@ def _type_name(value: Any) -> str:
 
 def _coerce(key: str, default: Any, value: Any) -> Any:
     """Return ``value`` converted to the type of ``default``, or raise a one-line ConfigError."""
-    if default is None or value is None:
+    if value is None:
         return value
+    if default is None:
+        if key not in NULLABLE_TYPES:
+            return value
+        default = NULLABLE_TYPES[key]
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -166,6 +177,8 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
             return str(value)
     elif isinstance(default, (list, ListConfig)):
         if isinstance(value, (list, ListConfig)):
+            if len(default):  # elements take the type of the default's first element
+                return [_coerce(f"{key}[{i}]", default[0], v) for i, v in enumerate(value)]
             return value
     else:
         return value
@@ -240,7 +253,11 @@ def compose(table: str | None = None, row: str | None = None, column: str | None
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}") from exc
     layers.append(("command line", cli))
-    layers.append(("run keys", {"table": table, "row": row, "column": column, "budget": budget}))
+    # A table run with overrides that change the computation is a variant of the row: it gets its
+    # own folder, so it never skips or resumes the plain row's run.
+    variant = sorted(o for o in overrides if not o.startswith(NEUTRAL_PREFIXES))
+    variant_id = hashlib.sha1("\n".join(variant).encode()).hexdigest()[:8] if (table and variant) else None
+    layers.append(("run keys", {"table": table, "row": row, "column": column, "budget": budget, "variant": variant_id}))
 
     # Group names can come from any layer, so find them first, then load their files.
     probe = OmegaConf.merge(base, *[OmegaConf.create(layer or {}) for _, layer in layers])
@@ -265,14 +282,17 @@ def run_name(cfg: DictConfig) -> str:
     otherwise. The same config always maps to the same folder (resume/skip relies on it)."""
     seed = f"s{cfg.seed}"
     if cfg.table:
-        return "/".join([slug(cfg.budget or "custom"), cfg.table, slug(cfg.row), slug(cfg.column), seed])
+        row = slug(cfg.row) + (f"+{cfg.variant}" if cfg.variant else "")
+        return "/".join([slug(cfg.budget or "custom"), cfg.table, row, slug(cfg.column), seed])
     digest = config_hash(cfg)
     return f"adhoc/{slug(cfg.algorithm.name)}-{slug(cfg.model.name)}-{slug(cfg.data.name)}-{digest}/{seed}"
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of everything that affects training (output locations and seed excluded)."""
+    """Hash of everything that affects what a run computes (where it goes and how fast excluded)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("output", None)
-    plain.pop("seed", None)
+    for key in ("output", "seed", "probe", "guard"):
+        plain.pop(key, None)
+    for key in ("threads", "name", "accelerator", "precision"):
+        plain["trainer"].pop(key, None)
     return hashlib.sha1(OmegaConf.to_yaml(OmegaConf.create(plain)).encode()).hexdigest()[:8]

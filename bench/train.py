@@ -17,12 +17,12 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench.algorithms import RULES
 from bench.callbacks.probe import AlignmentProbe
 from bench.callbacks.timing import EpochTimer
-from bench.config import run_name
+from bench.config import ConfigError, config_hash, run_name
 from bench.data import create_datamodule
 from bench.models import create_model
 from bench.results.run import FINAL_STATUSES, RunRecorder, read_summary
@@ -76,9 +76,20 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
     )
 
 
+def check_same_config(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse to skip or resume a run folder that holds a run of another config."""
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        old = OmegaConf.load(saved)
+        if config_hash(old) != config_hash(cfg):
+            raise ConfigError(f"run folder {run_dir} holds a run of a different config; delete it, or pass "
+                              f"output.root=<another folder>")
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool = True) -> dict:
     """Train (or resume, or skip) one run and return its summary."""
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+    check_same_config(run_dir, cfg)
     summary = read_summary(run_dir)
     if summary and summary["status"] in ("finished", "diverged"):
         return summary

@@ -7,6 +7,7 @@ they are independent of the code under test.
 from __future__ import annotations
 
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -293,14 +294,17 @@ def test_probe_fa_wb_angle_matches_weights_and_feedback(small_cfg, tmp_path):
     assert row["align/signal/net.4"] > 1.0               # δh reaches the last hidden layer through B
 
 
-def measured_fa_probe(small_cfg):
-    cfg = small_cfg("algorithm.name=fa", "data.shape=[6]", "data.num_classes=3", "model.depth=2",
+RULE_CLASSES = {"fa": FeedbackAlignment, "dfa": DirectFeedbackAlignment}
+
+
+def measured_probe(small_cfg, rule):
+    """Build a rule on the 6→5→5→3 MLP, do what training_step does up to the probe, call the probe."""
+    cfg = small_cfg(f"algorithm.name={rule}", "data.shape=[6]", "data.num_classes=3", "model.depth=2",
                     "model.width=5", "probe.signals=true")
     torch.manual_seed(0)
     model = create_model(cfg.model, (6,), 3)
-    module = FeedbackAlignment(cfg, model, 3, (6,))
+    module = RULE_CLASSES[rule](cfg, model, 3, (6,))
     x, y = dfa_batch()
-    # what training_step does before the probe runs
     module._probe_batch = (x, y)
     module._probe_rng = (torch.get_rng_state(), None)
     module.tap.clear()
@@ -310,31 +314,49 @@ def measured_fa_probe(small_cfg):
     for h in module.tap.outputs:
         h.retain_grad()
     surrogate.backward()
-    rule = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+    rule_grads = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+    rule_signals = [h.grad.clone() for h in module.tap.outputs]
     values = AlignmentProbe().measure(SimpleNamespace(world_size=1), module)
-    return module, x, y, rule, values
+    return module, x, y, rule_grads, rule_signals, values
 
 
-def test_probe_fa_measure_against_independent_backprop(small_cfg):
-    module, x, y, rule, values = measured_fa_probe(small_cfg)
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_probe_measure_against_independent_backprop(small_cfg, rule):
+    module, x, y, rule_grads, rule_signals, values = measured_probe(small_cfg, rule)
     net = module.model.net
     # an independent backprop twin (copying weights is fine in a test)
     twin = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
     with torch.no_grad():
         for i, j in ((0, 1), (2, 3), (4, 5)):
             twin[i].weight.copy_(net[j].weight), twin[i].bias.copy_(net[j].bias)
-    F.cross_entropy(twin(x), y).backward()
+    h1 = twin[1](twin[0](x))
+    h2 = twin[3](twin[2](h1))
+    h1.retain_grad(), h2.retain_grad()
+    F.cross_entropy(twin[4](h2), y).backward()
     for i, j in ((0, 1), (2, 3), (4, 5)):
-        g_rule, g_bp = rule[f"net.{j}.weight"], twin[i].weight.grad
+        g_rule, g_bp = rule_grads[f"net.{j}.weight"], twin[i].weight.grad
         assert values[f"align/update/net.{j}"] == pytest.approx(angle(g_rule, g_bp), abs=1e-4)
         assert values[f"align/ratio/net.{j}"] == pytest.approx(float(g_rule.norm() / g_bp.norm()), rel=1e-5)
-        assert values[f"align/wb/net.{j}"] == pytest.approx(angle(net[j].weight.detach(), net[j].feedback), abs=1e-6)
-    assert values["align/update/net.5"] < 1e-3
+        if rule == "fa":
+            assert values[f"align/wb/net.{j}"] == pytest.approx(angle(net[j].weight.detach(), net[j].feedback), abs=1e-6)
+    if rule == "dfa":
+        assert not any(k.startswith("align/wb/") for k in values)
+    # Launay Eq. 6: per-sample angle between the rule's δh_i and backprop's ∂L/∂h_i, mean and std
+    for point, s_rule, s_bp in zip(["net.2", "net.4"], rule_signals, [h1.grad, h2.grad]):
+        per_sample = [angle(a, b) for a, b in zip(s_rule, s_bp)]
+        assert values[f"align/signal/{point}"] == pytest.approx(statistics.fmean(per_sample), abs=1e-4)
+        assert values[f"align/signal_std/{point}"] == pytest.approx(statistics.stdev(per_sample), abs=1e-4)
+    assert values["align/signal/net.4"] > 1.0  # B, not W, carries the error to the last hidden layer
+    assert values["align/update/net.5"] < 1e-3  # the output layer's update is exact
     assert values["align/ratio/net.5"] == pytest.approx(1.0, abs=1e-5)
     assert values["align/update/net.1"] > 1.0
-    # the probe must leave the rule's .grad untouched
+    # the probe must leave the rule's .grad untouched and the rule switched back on
     for n, p in module.model.named_parameters():
-        assert torch.equal(p.grad, rule[n])
+        assert torch.equal(p.grad, rule_grads[n])
+    if rule == "fa":
+        assert all(layer.use_feedback for layer in module.layers.values())
+    else:
+        assert module.tap.cut
 
 
 # ----------------------------------------------------------------------------- 5. timm conversions

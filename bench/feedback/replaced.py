@@ -30,12 +30,13 @@ class _FALinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, feedback = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # Under autocast the forward ran in low precision; compute in δ's dtype and hand each
+        # gradient back in its input's dtype (the .to calls are no-ops in fp32).
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_out.matmul(feedback) if need_x else None
-        # (xᵀ·δ)ᵀ rather than δᵀ·x: the same product in the layout autograd uses for nn.Linear,
-        # which BLAS runs measurably faster here.
-        grad_w = x.reshape(-1, x.shape[-1]).t().mm(g2).t() if need_w else None
-        grad_b = g2.sum(0) if (need_b and ctx.has_bias) else None
+        grad_x = grad_out.matmul(feedback.to(grad_out.dtype)).to(x.dtype) if need_x else None
+        # (xᵀ·δ)ᵀ rather than δᵀ·x: the layout autograd uses for nn.Linear, which BLAS runs faster.
+        grad_w = x.reshape(-1, x.shape[-1]).to(g2.dtype).t().mm(g2).t().to(feedback.dtype) if need_w else None
+        grad_b = g2.sum(0).to(feedback.dtype) if (need_b and ctx.has_bias) else None
         return grad_x, grad_w, grad_b, None
 
 
@@ -52,11 +53,13 @@ class _FAConv2dFn(torch.autograd.Function):
         stride, padding, dilation, groups, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # One fused aten call: δx is computed with B in the weight slot; ΔW depends only on x, δy.
+        dtype = grad_out.dtype  # autocast: compute in δ's dtype, return each grad in its input's
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x, feedback, [feedback.shape[0]] if has_bias else None,
+            grad_out, x.to(dtype), feedback.to(dtype), [feedback.shape[0]] if has_bias else None,
             stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b and has_bias],
         )
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
+        return cast(grad_x, x), cast(grad_w, feedback), cast(grad_b, feedback), None, None, None, None, None
 
 
 class FeedbackLayer:
