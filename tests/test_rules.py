@@ -197,7 +197,8 @@ def test_dfa_unified_matrix_memory_and_slice_normalisation(small_cfg):
         expected = U[:l] * math.sqrt(l_max / l) / math.sqrt(l_max * e)
         assert torch.allclose(B_i, expected, rtol=1e-6, atol=0)
         assert torch.allclose(B_i, U[:l] / math.sqrt(l * e), rtol=1e-6, atol=0)
-        assert torch.allclose(fb.project(err)[i], err @ B_i.T, atol=1e-6)
+        signal, scale = fb.project(err)[i]
+        assert torch.allclose(scale * signal, err @ B_i.T, atol=1e-6)
     # the raw matrix is N(0, 1) (Eq. 7): with 28 draws its std is within a loose band of 1
     assert 0.5 < float(U.std()) < 1.6
 

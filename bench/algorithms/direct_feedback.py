@@ -54,8 +54,10 @@ class DirectFeedbackAlignment(AlgorithmModule):
             return loss, logits, loss
         error = torch.autograd.grad(loss, logits, retain_graph=True)[0].reshape(-1, logits.shape[-1])
         surrogate = loss
-        for h, signal in zip(points, self.feedback.project(error.detach())):
-            surrogate = surrogate + (h * signal.view_as(h)).sum()
+        for h, (signal, scale) in zip(points, self.feedback.project(error.detach())):
+            # ⟨h, B_i e⟩ as one dot product, scaled as a scalar: its backward hands exactly
+            # scale·U_i e = B_i e to h, with no extra pass over the signal.
+            surrogate = surrogate + scale * torch.dot(h.reshape(-1), signal.reshape(-1))
         return surrogate, logits, loss
 
     @contextmanager

@@ -40,13 +40,16 @@ class DirectFeedback(nn.Module):
         raw = self.matrix[: self.sizes[i]] if self.unified else getattr(self, f"matrix_{i}")
         return raw * self.scales[i]
 
-    def project(self, error: torch.Tensor) -> list[torch.Tensor]:
-        """[B_i e] for every point, each of shape (rows, l_i) with rows = error.shape[0]."""
+    def project(self, error: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+        """[(U_i e, scale_i)] for every point: B_i e = scale_i · U_i e, of shape (rows, l_i).
+
+        The scale is returned apart so a caller can apply it to a scalar instead of a tensor.
+        """
         if self.unified:
-            # One matmul for all points: the slices of e·Bᵀ are the slices' projections.
+            # One matmul for all points: the slices of e·Uᵀ are the slices' projections.
             full = error.mm(self.matrix.t())
-            return [full[:, :l] * s for l, s in zip(self.sizes, self.scales)]
-        return [error.mm(getattr(self, f"matrix_{i}").t()) * s for i, s in enumerate(self.scales)]
+            return [(full[:, :l], s) for l, s in zip(self.sizes, self.scales)]
+        return [(error.mm(getattr(self, f"matrix_{i}").t()), s) for i, s in enumerate(self.scales)]
 
     def memory(self) -> dict[str, int]:
         """Feedback-matrix sizes in floats: stored, naive Σ l_i·e and unified l_max·e (dfa Table 1)."""

@@ -34,8 +34,7 @@ class _FALinearFn(torch.autograd.Function):
         # gradient back in its input's dtype (the .to calls are no-ops in fp32).
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_out.matmul(feedback.to(grad_out.dtype)).to(x.dtype) if need_x else None
-        # (xᵀ·δ)ᵀ rather than δᵀ·x: the layout autograd uses for nn.Linear, which BLAS runs faster.
-        grad_w = x.reshape(-1, x.shape[-1]).to(g2.dtype).t().mm(g2).t().to(feedback.dtype) if need_w else None
+        grad_w = g2.t().mm(x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(feedback.dtype) if need_w else None
         grad_b = g2.sum(0).to(feedback.dtype) if (need_b and ctx.has_bias) else None
         return grad_x, grad_w, grad_b, None
 
