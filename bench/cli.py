@@ -5,10 +5,10 @@ Bad configs exit with status 2 and one line; missing data exits with status 3 an
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
+from bench.console import interactive
 from bench.config import ConfigError, budget_names, compose, parse_cli, table_ids
 
 
@@ -47,7 +47,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
     table, cells = expand(args.table, args.budget, output_root=args.output_root, overrides=args.overrides,
                           rows=args.rows, seeds=args.seeds)
-    quiet = os.environ.get("CI", "").lower() in ("1", "true") or not sys.stdout.isatty()
+    quiet = not interactive()
     console = Console()
     start = time.perf_counter()
 

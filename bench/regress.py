@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bench.config import compose
+from bench.console import interactive
 from bench.results.io import write_json
 from bench.results.run import device_name, git_commit
 
@@ -30,16 +31,24 @@ DEFAULT_RULES = {"bp": 1.5, "fa": 1.5, "dfa": 1.5}  # tolerance in accuracy poin
 
 
 def measure(config: list[str], rules: list[str]) -> dict[str, float]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from bench.train import train
 
+    quiet = not interactive()
     accuracies = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, Progress(
+            TextColumn("[bold]regress {task.fields[rule]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            disable=quiet) as progress:
+        task = progress.add_task("regress", total=len(rules), rule="")
         for rule in rules:
+            progress.update(task, rule=rule)
             cfg = compose(overrides=[*config, f"algorithm.name={rule}", f"output.root={tmp}"])
             summary = train(cfg)
             if summary["status"] != "finished":
                 raise RuntimeError(f"regress: {rule} ended with status {summary['status']}: {summary.get('error', '')}")
             accuracies[rule] = round(100.0 - summary["final"]["test/err1"], 3)
+            progress.advance(task)
     return accuracies
 
 

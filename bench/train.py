@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.algorithms import RULES
 from bench.callbacks.probe import AlignmentProbe
 from bench.callbacks.timing import EpochTimer
+from bench.console import interactive, under_ci
 from bench.config import ConfigError, config_hash, run_name
 from bench.data import create_datamodule
 from bench.models import create_model
@@ -52,7 +53,7 @@ def run_dir_for(cfg: DictConfig) -> Path:
 def show_progress(cfg: DictConfig) -> bool:
     mode = str(cfg.output.progress)
     if mode == "auto":
-        return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("1", "true")
+        return interactive(sys.stderr)
     return mode == "rich"
 
 
@@ -66,7 +67,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
     if show_progress(cfg):
         callbacks = [*callbacks, RichProgressBar()]
     loggers = [CSVLogger(run_dir, name="logs", version="")]
-    if cfg.output.wandb != "disabled" and os.environ.get("CI", "").lower() not in ("1", "true"):
+    if cfg.output.wandb != "disabled" and not under_ci():  # W&B is never required, and off under CI
         from lightning.pytorch.loggers import WandbLogger
 
         loggers.append(WandbLogger(project="bpfree-bench", name=run_name(cfg), mode=cfg.output.wandb,

@@ -7,6 +7,7 @@ Every Linear/Conv2d of the model (timm models included) is converted in place by
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 from bench.algorithms.base import RULES, AlgorithmModule
@@ -21,6 +22,8 @@ class FeedbackAlignment(AlgorithmModule):
         if not self.converted:
             raise ValueError(f"fa: model {self.cfg.model.name} has no Linear/Conv2d layer to convert")
         self.layers = feedback_layers(self.model)
+        logging.getLogger(__name__).info("fa: converted %d layers of %s: %s", len(self.converted),
+                                         self.cfg.model.name, ", ".join(self.converted))
 
     @contextmanager
     def true_gradient(self):

@@ -30,13 +30,27 @@ class _FALinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, feedback = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # Under autocast the forward ran in low precision; compute in δ's dtype and hand each
-        # gradient back in its input's dtype (the .to calls are no-ops in fp32).
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_out.matmul(feedback.to(grad_out.dtype)).to(x.dtype) if need_x else None
-        grad_w = g2.t().mm(x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(feedback.dtype) if need_w else None
-        grad_b = g2.sum(0).to(feedback.dtype) if (need_b and ctx.has_bias) else None
+        if grad_out.dtype != feedback.dtype or x.dtype != feedback.dtype:
+            return _fa_linear_backward_mixed(x, feedback, grad_out, need_x, need_w, need_b and ctx.has_bias)
+        if grad_out.dim() != 2:  # (batch, tokens, features) → rows of features
+            grad_out, x = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_x = grad_out.mm(feedback).view(*ctx.saved_tensors[0].shape) if need_x else None
+        else:
+            grad_x = grad_out.mm(feedback) if need_x else None
+        grad_w = grad_out.t().mm(x) if need_w else None
+        grad_b = grad_out.sum(0) if (need_b and ctx.has_bias) else None
         return grad_x, grad_w, grad_b, None
+
+
+def _fa_linear_backward_mixed(x, feedback, grad_out, need_x, need_w, need_b):
+    """Under autocast the forward ran in low precision: compute in δ's dtype and return each
+    gradient in its input's dtype. Kept off the fp32 path, where every extra op is overhead."""
+    dtype = grad_out.dtype
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = grad_out.matmul(feedback.to(dtype)).to(x.dtype) if need_x else None
+    grad_w = g2.t().mm(x.reshape(-1, x.shape[-1]).to(dtype)).to(feedback.dtype) if need_w else None
+    grad_b = g2.sum(0).to(feedback.dtype) if need_b else None
+    return grad_x, grad_w, grad_b, None
 
 
 class _FAConv2dFn(torch.autograd.Function):

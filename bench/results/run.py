@@ -119,6 +119,8 @@ class RunRecorder(Checkpoint):
             "lightning": L.__version__,
             "device": device_name(trainer),
             "world_size": trainer.world_size if trainer is not None else 1,
+            # replaced-backward rules report the layers they converted
+            "converted_layers": list(getattr(pl_module, "converted", []) or []),
         }
         if error:
             summary["error"] = error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,7 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
                 rec = by_key.get((row, col, f))
                 cells_txt.append(cell_text(rec) if rec else "–")
         lines.append("| " + " | ".join([row] + cells_txt) + " |")
+    lines += diagnostics_section(cells)
     reasons = sorted({(r["status"], r["reason"]) for r in records if r["status"] != "finished" and r["reason"]})
     if reasons:
         lines += ["", "## Why cells are empty", ""] + [f"- *{s}*: {why}" for s, why in reasons]
@@ -193,6 +195,29 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
         lines += ["", "## Protocol notes and decisions", ""]
         lines += [f"- {n}" for n in (notes or [])] + [f"- {d}" for d in (decisions or [])]
     return "\n".join(lines) + "\n"
+
+
+def natural_key(name: str) -> list:
+    """'net.11' after 'net.3': layer names in forward order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def diagnostics_section(cells: list[Cell]) -> list[str]:
+    """Time, memory and last-epoch alignment of every finished run (seed 0): the *why* beside the *what*."""
+    runs = [c for c in cells if c.status == "finished" and c.seed == 0]
+    if not runs:
+        return []
+    lines = ["", "## Time, memory and alignment (seed 0, last epoch)", "",
+             "Update angle: ∠(rule ΔW, BP ∂L/∂W) per layer, input → output, in degrees (0 = backprop).", "",
+             "| row | column | epoch s (train only) | median step ms | peak MB (CPU: process RSS) | update angle per layer |",
+             "|---|---|---|---|---|---|"]
+    for c in runs:
+        t, last = c.summary.get("time", {}), c.summary.get("last_epoch", {})
+        layers = sorted((k for k, v in last.items() if k.startswith("align/update/") and v not in ("", None)), key=natural_key)
+        angles = [f"{float(last[k]):.1f}" for k in layers]
+        lines.append(f"| {c.row} | {c.column} | {_fmt(t.get('epoch_s_mean'))} | {_fmt(t.get('step_median_ms'), 3)} | "
+                     f"{_fmt(c.summary.get('memory', {}).get('peak_mb'), 0)} | {' / '.join(angles) or '–'} |")
+    return lines
 
 
 def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str | Path = "results") -> tuple[Path, str]:
