@@ -80,7 +80,8 @@ def test_table_renders_end_to_end(tmp_path, table_configs):
     assert md == results / f"{TABLE_ID}.md" and md.read_text() == text
     assert "budget: `tiny`" in text
     assert "epochs trained: 1" in text
-    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    main_table = text.split("## ")[0]  # the paper table, before the diagnostics sections
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
     for cell in cells:
         if cell.status != "finished":
             continue
@@ -93,6 +94,11 @@ def test_table_renders_end_to_end(tmp_path, table_configs):
         assert f"{paper['train']:.2f} → **{train_err:.2f}** ({train_err - paper['train']:+.2f})" in line
     assert "1.48 → *data unavailable*" in lines["BP"] and "1.85 → *data unavailable*" in lines["FA"]
     assert "6.00 → *not implemented*" in lines["Not a rule"]
+    # the diagnostics section has one line per finished run with its measured epoch time
+    diag = text.split("## Time, memory and alignment")[1].split("## ")[0]
+    for cell in (c for c in cells if c.status == "finished"):
+        row = next(line for line in diag.splitlines() if line.startswith(f"| {cell.row} | {cell.column} |"))
+        assert f"| {cell.summary['time']['epoch_s_mean']:.2f} |" in row
     assert "– → *not implemented*" in lines["Not a rule"]  # no paper number for that column
     assert "rule 'notarule' is not implemented yet" in text
     assert "a decision recorded for the test" in text
