@@ -1,4 +1,8 @@
-"""Alignment measures between a rule's signals and backprop's (defined once, used for every rule)."""
+"""Alignment measures between a rule's signals and backprop's (defined once, used for every rule).
+
+Each returns a 0-d (or per-sample) float64 tensor, so a caller can compute many and read them
+back with one device sync.
+"""
 from __future__ import annotations
 
 import math
@@ -6,14 +10,12 @@ import math
 import torch
 
 
-def angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
+def angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Angle in degrees between two tensors seen as flat vectors (90° if either is zero)."""
     a, b = a.reshape(-1).double(), b.reshape(-1).double()
     denom = a.norm() * b.norm()
-    if denom == 0:
-        return 90.0
-    cos = torch.clamp(a.dot(b) / denom, -1.0, 1.0)
-    return math.degrees(math.acos(float(cos)))
+    cos = torch.where(denom > 0, a.dot(b) / denom.clamp_min(1e-300), torch.zeros((), dtype=a.dtype, device=a.device))
+    return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
 
 
 def per_sample_angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -23,7 +25,7 @@ def per_sample_angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
 
 
-def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """‖rule‖ / ‖BP‖ (Moskovitz et al. Fig. 2); inf when BP's is zero."""
-    nb = float(b.double().norm())
-    return float(a.double().norm()) / nb if nb > 0 else math.inf
+    nb = b.double().norm()
+    return torch.where(nb > 0, a.double().norm() / nb.clamp_min(1e-300), torch.full((), math.inf, dtype=torch.float64, device=b.device))

@@ -75,6 +75,8 @@ class RunRecorder(Checkpoint):
     def on_train_epoch_end(self, trainer, pl_module):
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row.update({k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())})
+        if self.probe is not None:
+            row.update(self.probe.epoch_means(trainer.current_epoch))
         self.rows.append(row)
         if trainer.is_global_zero:
             write_csv(self.run_dir / "metrics.csv", self.rows)
