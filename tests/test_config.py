@@ -92,7 +92,7 @@ def test_table_row_resolves_to_paper_protocol():
     assert cfg.algorithm.name == "fa" and cfg.algorithm.lr == pytest.approx(2e-4)
     assert cfg.algorithm.optimizer == "adam"
     assert cfg.data.name == "fmnist" and cfg.data.batch_size == 32 and cfg.data.val_size == 2000
-    assert cfg.trainer.epochs == 1 and cfg.data.train_subset == 10000
+    assert cfg.trainer.epochs == 1 and cfg.data.train_subset is None
     assert (cfg.table, cfg.row, cfg.column, cfg.budget) == ("rlra-1", "FA", "fmnist", "smoke")
     assert run_name(cfg) == "smoke/rlra-1/fa/fmnist/s0"
     # budget layers come before the command line
