@@ -238,8 +238,9 @@ def test_sfa_mnist_by_hand():
 def test_transformer_point_sizes_and_causality():
     model = build("transformer", (8,), 11, dict(n_layer=2, n_head=2, n_embd=16))
     assert point_sizes(model, (8,), "micro") == {
-        "blocks.0.ln_2": 8 * 16, "blocks.0.mlp.act": 8 * 64, "blocks.0": 8 * 16,
-        "blocks.1.ln_2": 8 * 16, "blocks.1.mlp.act": 8 * 64, "blocks.1": 8 * 16}
+        # per token: one row of e per position of the sequence
+        "blocks.0.ln_2": 16, "blocks.0.mlp.act": 64, "blocks.0": 16,
+        "blocks.1.ln_2": 16, "blocks.1.mlp.act": 64, "blocks.1": 16}
     x = batch("transformer", (8,), 11)
     x2 = x.clone()
     x2[:, 5] = (x2[:, 5] + 1) % 11

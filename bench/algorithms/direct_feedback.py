@@ -15,23 +15,7 @@ import torch
 
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.direct import DirectFeedback
-
-
-def point_rows_and_sizes(model, tap, input_shape, num_classes) -> list[int]:
-    """Per-row size l_i of each point, where a row is one row of e (a sample, or a token)."""
-    dtype = getattr(model, "input_dtype", torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), tap.settings(cut=False, capture=True):
-            tap.clear()
-            logits = model(torch.zeros((2, *input_shape), dtype=dtype))
-            rows = logits.numel() // logits.shape[-1]
-            sizes = [h.numel() // rows for h in tap.outputs]
-            tap.clear()
-    finally:
-        model.train(was_training)
-    return sizes
+from bench.models.base import point_sizes
 
 
 @RULES.register("dfa")
@@ -40,7 +24,8 @@ class DirectFeedbackAlignment(AlgorithmModule):
         a = self.cfg.algorithm
         if self.tap is None or not self.tap.names:
             raise ValueError(f"dfa: model {self.cfg.model.name} exposes no feedback points")
-        sizes = point_rows_and_sizes(self.model, self.tap, self.input_shape, self.num_classes)
+        granularity = str(a.get("granularity", "micro"))
+        sizes = list(point_sizes(self.model, self.input_shape, granularity).values())
         self.feedback = DirectFeedback(sizes, self.num_classes, unified=a.unified, normalize=a.normalize,
                                        init=a.feedback_init, seed=int(self.cfg.seed) + 1)
         self.tap.cut = True

@@ -58,19 +58,26 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def point_sizes(model: ZooModel, input_shape: tuple[int, ...], granularity: str = "micro") -> dict[str, int]:
-    """Per-sample output size l_i of every feedback point, measured with one dry forward."""
-    sizes: dict[str, int] = {}
+    """Size l_i of every feedback point *per row of the error*, measured with one dry forward.
+
+    A row is one sample for a classifier and one token for a language model (whose logits are
+    (B, T, V)): direct-projection rules send each row of e = ∂L/∂ŷ to the matching row of h_i,
+    so l_i is what a feedback matrix B_i (l_i × e) must cover (dfa Table 1).
+    """
+    outputs: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     handles = [
-        modules[name].register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, o[0].numel()))
+        modules[name].register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
         for name in model.feedback_points(granularity)
     ]
     was_training = model.training
     try:
         model.eval()
-        model(torch.zeros((1, *input_shape)))
+        batch = 2
+        logits = model(torch.zeros((batch, *input_shape), dtype=getattr(model, "input_dtype", torch.float32)))
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return sizes
+    rows = logits.numel() // logits.shape[-1]
+    return {name: outputs[name].numel() // rows for name in model.feedback_points(granularity)}
