@@ -78,7 +78,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
         callbacks=callbacks, logger=loggers, enable_progress_bar=show_progress(cfg),
         enable_checkpointing=True,  # RunRecorder is the checkpoint callback
         enable_model_summary=False, num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the in-memory loaders shard by rank themselves
+        # Lightning shards torch DataLoaders (ImageNet) with a DistributedSampler and leaves the
+        # in-memory loaders, which shard by rank themselves, untouched.
+        use_distributed_sampler=True,
         log_every_n_steps=50, default_root_dir=str(run_dir),
     )
 
