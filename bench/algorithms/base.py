@@ -145,7 +145,9 @@ class AlgorithmModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> Any:
         a = self.cfg.algorithm
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Every parameter of the rule module: the model's, and any the rule owns itself (rec-LRA's
+        # error synapses), so the configured optimizer steps them all and DDP averages them all.
+        params = [p for p in self.parameters() if p.requires_grad]
         # Fused kernels exist for CPU and CUDA float tensors and are the fastest implementation.
         fast = {"fused": True} if all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params) else {"foreach": True}
         if a.optimizer == "adam":
@@ -194,7 +196,7 @@ class AlgorithmModule(L.LightningModule):
         if self.tap is not None and not self._probe_due:
             self.tap.clear()  # drop references to this step's activations; the probe clears its own
         if self.max_grad_norm is not None:
-            reproject_(self.model.parameters(), self.max_grad_norm)
+            reproject_(self.parameters(), self.max_grad_norm)
         opt.step()  # the alignment probe runs inside, at on_before_optimizer_step
         self.after_step()
         self._queue_train(logits, y, loss)
