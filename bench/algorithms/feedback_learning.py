@@ -1,0 +1,144 @@
+"""Feedback that learns to match the forward weights: Kolen–Pollack and weight mirrors
+(Akrout, Wilson, Humphreys, Lillicrap & Tweed 2019, "Deep learning without weight transport";
+the ``ResNet, KP`` and ``FA+WM`` comparison rows of rlra Table 4).
+
+Both are FA (replaced backward, :mod:`bench.feedback.replaced`) whose buffer B — stored in W's
+shape, so "B = W" means "the backward uses Wᵀ" — changes between steps. B is never a Parameter:
+its update is applied in place by the rule, identically on every DDP rank (it depends only on
+the all-reduced W and on noise from an identically seeded generator).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.algorithms.base import RULES
+from bench.algorithms.feedback_alignment import FeedbackAlignment
+
+
+class _LearnedFeedback(FeedbackAlignment):
+    def feedback_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # Buffers are looked up each time: ``.to(device)`` replaces buffer tensors (not Parameters).
+        layers = list(self.layers.values())
+        return [layer.weight for layer in layers], [layer.feedback for layer in layers]
+
+
+@RULES.register("kp")
+class KolenPollack(_LearnedFeedback):
+    """Kolen–Pollack (Kolen & Pollack 1994; Akrout et al. 2019 Eq. 9–10): B receives the same
+    update as W, and both decay. With plain SGD and weight decay λ on W,
+
+        ΔW = −η(∇_W J + λW),   ΔB = −η(∇_W J + λB)   ⇒   B − W ← (1 − ηλ)(B − W),
+
+    so B converges to W (the backward to Wᵀ) geometrically. It is implemented in that last form,
+    which holds for any optimizer: before the step B ← B − W_t (the probe has already read B),
+    after it B ← W_{t+1} + (1 − η_t λ)·(B_t − W_t), i.e. B gets exactly W's update plus the decay
+    of its own difference. λ = ``kp_decay``; set it equal to ``weight_decay`` (optimizer ``sgd``)
+    for Akrout et al.'s rule exactly. η_t is the optimizer's current learning rate (schedulers
+    included). Two in-place foreach ops around the step; nothing is allocated.
+    """
+
+    def setup_rule(self) -> None:
+        super().setup_rule()
+        self.kp_decay = float(self.cfg.algorithm.get("kp_decay", 1.0e-4))
+        self._kp_lr: float | None = None
+
+    @torch.no_grad()
+    def kp_before_step(self, optimizer) -> None:
+        weights, feedback = self.feedback_pairs()
+        self._kp_lr = float(optimizer.param_groups[0]["lr"])
+        torch._foreach_sub_(feedback, weights)  # B now holds D = B − W_t
+
+    @torch.no_grad()
+    def kp_after_step(self) -> None:
+        if self._kp_lr is None:  # the step was skipped before the hook ran (e.g. divergence)
+            return
+        weights, feedback = self.feedback_pairs()
+        torch._foreach_mul_(feedback, 1.0 - self._kp_lr * self.kp_decay)
+        torch._foreach_add_(feedback, weights)
+        self._kp_lr = None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls callbacks (the alignment probe) first, then this hook.
+        super().on_before_optimizer_step(optimizer)
+        self.kp_before_step(optimizer)
+
+    def after_step(self) -> None:
+        super().after_step()
+        self.kp_after_step()
+
+
+@RULES.register("wm")
+class WeightMirrors(_LearnedFeedback):
+    """Weight mirrors (Akrout et al. 2019 §4): in a mirror phase each layer is driven by white
+    noise x ~ N(0, I); its output is y = W x (bias left out: it is uncorrelated with x) and B
+    learns from the correlation y xᵀ, whose expectation is W. Each mirror phase (every
+    ``mirror_every`` steps, after the optimizer step) updates
+
+        B ← (1 − α) B + α · Ŵ,   Ŵ = y xᵀ / n   (n = ``mirror_batch`` noise samples),
+
+    Akrout et al.'s ΔB = η y xᵀ − λB with ησ² = λ = α = ``mirror_rate``, so B → W in expectation.
+    For a convolution the noise is an image of m × m output positions (``mirror_size`` = m)
+    convolved *without padding*, so every kernel offset sees the same number of input pixels and
+    Ŵ = conv2d_weight(x, y) / (n·m²) is unbiased. Noise comes from one generator seeded with
+    ``seed + 104729`` on every rank (DDP-identical); its state is checkpointed.
+    """
+
+    MIRROR_SEED_OFFSET = 104729
+
+    def setup_rule(self) -> None:
+        super().setup_rule()
+        a = self.cfg.algorithm
+        self.mirror_every = int(a.get("mirror_every", 1))
+        self.mirror_batch = int(a.get("mirror_batch", 64))
+        self.mirror_rate = float(a.get("mirror_rate", 0.01))
+        self.mirror_size = int(a.get("mirror_size", 4))
+        self.mirror_generator: torch.Generator | None = None
+        self._mirror_state: torch.Tensor | None = None
+        self._mirror_steps = 0
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.mirror_generator is None or self.mirror_generator.device != device:
+            self.mirror_generator = torch.Generator(device=device)
+            self.mirror_generator.manual_seed(int(self.cfg.seed) + self.MIRROR_SEED_OFFSET)
+            if self._mirror_state is not None:
+                self.mirror_generator.set_state(self._mirror_state)
+                self._mirror_state = None
+        return self.mirror_generator
+
+    @torch.no_grad()
+    def mirror(self) -> None:
+        """One mirror phase over every converted layer."""
+        n, m, alpha = self.mirror_batch, self.mirror_size, self.mirror_rate
+        for layer in self.layers.values():
+            w, b = layer.weight, layer.feedback
+            gen = self._generator(w.device)
+            if w.ndim == 2:
+                x = torch.randn(n, w.shape[1], generator=gen, device=w.device, dtype=w.dtype)
+                estimate = F.linear(x, w).t().mm(x).div_(n)
+            else:
+                (kh, kw), (sh, sw), (dh, dw) = w.shape[2:], layer.stride, layer.dilation
+                size = (dh * (kh - 1) + 1 + sh * (m - 1), dw * (kw - 1) + 1 + sw * (m - 1))
+                x = torch.randn(n, w.shape[1] * layer.groups, *size, generator=gen, device=w.device, dtype=w.dtype)
+                y = F.conv2d(x, w, None, layer.stride, 0, layer.dilation, layer.groups)
+                estimate = torch.nn.grad.conv2d_weight(x, w.shape, y, layer.stride, 0, layer.dilation, layer.groups)
+                estimate.div_(n * y.shape[2] * y.shape[3])
+            b.mul_(1.0 - alpha).add_(estimate, alpha=alpha)
+
+    def after_step(self) -> None:
+        super().after_step()
+        self._mirror_steps += 1
+        if self.mirror_every > 0 and self._mirror_steps % self.mirror_every == 0:
+            self.mirror()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["mirror"] = {"steps": self._mirror_steps,
+                                "generator": None if self.mirror_generator is None else self.mirror_generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("mirror") or {}
+        self._mirror_steps = int(state.get("steps", 0))
+        self._mirror_state = state.get("generator")
+        self.mirror_generator = None

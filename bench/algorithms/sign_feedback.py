@@ -1,0 +1,256 @@
+"""Sign-concordant feedback and the BP controls of Moskovitz, Litwin-Kumar & Abbott 2018 (sfa,
+"Feedback alignment in deep convolutional networks").
+
+Rules (``configs/algorithm/<name>.yaml`` documents every option):
+
+* ``usf_init`` — FA with uniform sign-concordant feedback, Init. method (sfa Eq. 4):
+  ``B_t = |B_0| ⊙ sign(W_t)``.
+* ``usf_sn`` — strict normalisation (sfa Eq. 5): ``B_t = ‖W_t‖₂ · sign(W_t) / ‖sign(W_t)‖₂``.
+* ``ss`` — sign symmetry (Liao et al. 2015; Xiao et al. 2018, the ``SS`` row of rlra Table 4):
+  ``B_t = sign(W_t)``. The same mechanism as uSF (one class, ``sign_scale: unit``).
+* ``bp_const`` — backprop with the forward-weight norms fixed (sfa Eq. 10, "BP Const.").
+* ``bp_noise`` — backprop plus zero-mean Gaussian noise on the update (sfa §5.3, "BP + Noise").
+* ``bp_align`` — cross-entropy + λ Σ‖W − V‖² towards fixed random V (sfa Eq. 9, "BP + Alignment").
+
+Options shared by every rule of this file (:class:`WeightOptions`):
+
+* ``const_norm`` — after every step rescale each layer to ``‖W_0‖₂`` (sfa Eq. 10, §5.4);
+* ``ei`` / ``ei_fraction`` / ``ei_epsilon`` — E/I: after ``ei_fraction`` of training (5 % in
+  sfa §4) freeze every weight's sign by clipping it at ``±ei_epsilon`` after every step
+  (sfa §3.1 and §5.5);
+* ``manhattan`` — Batch Manhattan (Liao et al. 2015, discussed in sfa §5.1): the update is
+  ``sign(∂J/∂W)`` for every parameter.
+
+"Weights" are every trainable parameter with ≥ 2 dimensions (Linear matrices, conv kernels),
+the same set the alignment probe reports; biases and norm scales are left alone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.algorithms.backprop import Backprop
+from bench.algorithms.base import RULES
+from bench.algorithms.feedback_alignment import FeedbackAlignment
+from bench.feedback.init import feedback_tensor
+
+SIGN_SCALES = ("init", "sn", "unit")
+
+
+class WeightOptions:
+    """Const (sfa Eq. 10), E/I (sfa §3.1) and Batch Manhattan (Liao et al. 2015) for any rule.
+
+    Mixed in *before* the rule class; the rule's ``setup_rule`` must call
+    :meth:`setup_weight_options` after it has converted the model.
+    """
+
+    def setup_weight_options(self) -> None:
+        a = self.cfg.algorithm
+        self.const_norm = bool(a.get("const_norm", False))
+        self.ei = bool(a.get("ei", False))
+        self.ei_fraction = float(a.get("ei_fraction", 0.05))
+        self.ei_epsilon = float(a.get("ei_epsilon", 1.0e-6))
+        self.manhattan = bool(a.get("manhattan", False))
+        if not 0.0 <= self.ei_fraction <= 1.0:
+            raise ValueError(f"algorithm.ei_fraction must lie in [0, 1], got {self.ei_fraction}")
+        self.constrained = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        if self.const_norm:  # ‖W_0‖₂ per layer, saved with the checkpoint
+            self.register_buffer("w0_norms", torch.stack(torch._foreach_norm([p.detach() for p in self.constrained])))
+        if self.ei:
+            # Frozen signs (±1 in W's dtype so the clip is three in-place ops, no temporaries),
+            # the step counter and the frozen flag all live in the checkpoint.
+            for i, p in enumerate(self.constrained):
+                self.register_buffer(f"ei_sign_{i}", torch.ones_like(p.detach()))
+            self.register_buffer("ei_frozen", torch.zeros((), dtype=torch.bool))
+            self.register_buffer("ei_steps", torch.zeros((), dtype=torch.long))
+        self.total_steps: int | None = None  # set from the trainer on first use; tests set it directly
+
+    # ------------------------------------------------------------------ E/I
+    def ei_signs(self) -> list[torch.Tensor]:
+        return [getattr(self, f"ei_sign_{i}") for i in range(len(self.constrained))]
+
+    def _total_steps(self) -> int:
+        if self.total_steps is None:
+            self.total_steps = int(self.trainer.estimated_stepping_batches)
+        return self.total_steps
+
+    @torch.no_grad()
+    def _apply_ei(self) -> None:
+        self.ei_steps += 1
+        if not bool(self.ei_frozen):
+            if int(self.ei_steps) < math.ceil(self.ei_fraction * self._total_steps()):
+                return
+            for s, p in zip(self.ei_signs(), self.constrained):
+                torch.where(p >= 0, 1.0, -1.0, out=s)  # a weight at exactly 0 freezes as excitatory
+            self.ei_frozen.fill_(True)
+        eps = self.ei_epsilon
+        for s, p in zip(self.ei_signs(), self.constrained):
+            p.mul_(s).clamp_(min=eps).mul_(s)  # s·max(s·w, ε): the frozen sign, at least ε away from 0
+
+    # ------------------------------------------------------------------ Const
+    @torch.no_grad()
+    def _apply_const(self) -> None:
+        norms = torch._foreach_norm(self.constrained)
+        scales = torch._foreach_div(list(self.w0_norms.unbind()), norms)
+        torch._foreach_mul_(self.constrained, scales)
+
+    # ------------------------------------------------------------------ hooks
+    def on_after_backward(self) -> None:
+        # After the DDP all-reduce (it completes inside backward), before the probe reads .grad.
+        super().on_after_backward()
+        if self.manhattan:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_sign_(grads)
+
+    def after_step(self) -> None:
+        super().after_step()
+        # E/I first: rescaling by a positive factor never flips a sign, so both invariants hold.
+        if self.ei:
+            self._apply_ei()
+        if self.const_norm:
+            self._apply_const()
+
+
+class SignFeedback(WeightOptions, FeedbackAlignment):
+    """FA whose feedback B follows the sign of the forward weights (sfa §3.1).
+
+    ``sign_scale``:
+      * ``init``: ``B_t = |B_0| ⊙ sign(W_t)`` (sfa Eq. 4), |B_0| drawn by ``feedback_init``;
+      * ``sn``:   ``B_t = ‖W_t‖₂ · sign(W_t)/‖sign(W_t)‖₂`` (sfa Eq. 5), per layer, ‖·‖₂ the
+        Frobenius norm of the whole matrix or kernel;
+      * ``unit``: ``B_t = sign(W_t)`` (Liao et al. 2015's uSF; Xiao et al. 2018's sign symmetry).
+
+    B is refreshed from W at the start of every :meth:`objective`, in place into the existing
+    buffers, so it always matches the weights the backward runs with — also after a resume, a
+    Const/E/I projection or a user's edit. Init uses |B_t| = |B_0|: ``B.copysign_(W)`` is the
+    whole update (one op per layer, no stored |B_0|). A weight at exactly 0 keeps a ±|B_0|
+    feedback where Eq. 4 gives 0; under SN ‖sign(W)‖₂ is taken as √numel, exact unless a weight
+    is exactly 0 (neither happens with continuous weights; E/I clips away from 0).
+    """
+
+    def setup_rule(self) -> None:
+        super().setup_rule()
+        self.sign_scale = str(self.cfg.algorithm.get("sign_scale", "init"))
+        if self.sign_scale not in SIGN_SCALES:
+            raise ValueError(f"unknown algorithm.sign_scale {self.sign_scale!r}; valid choices: {', '.join(SIGN_SCALES)}")
+        self.fb_weights = [layer.weight for layer in self.layers.values()]
+        self.inv_sqrt_numel = [1.0 / math.sqrt(w.numel()) for w in self.fb_weights]
+        self.setup_weight_options()
+        self.refresh_feedback()
+
+    @torch.no_grad()
+    def refresh_feedback(self) -> None:
+        # Buffers are looked up each time: ``.to(device)`` replaces buffer tensors (not Parameters).
+        weights, feedback = self.fb_weights, [layer.feedback for layer in self.layers.values()]
+        if self.sign_scale == "init":
+            for b, w in zip(feedback, weights):
+                b.copysign_(w)
+            return
+        torch._foreach_copy_(feedback, weights)
+        torch._foreach_sign_(feedback)
+        if self.sign_scale == "sn":
+            scales = torch._foreach_norm(weights)
+            torch._foreach_mul_(scales, self.inv_sqrt_numel)
+            torch._foreach_mul_(feedback, scales)
+
+    def objective(self, x, y):
+        self.refresh_feedback()
+        return super().objective(x, y)
+
+
+for _name in ("usf_init", "usf_sn", "ss"):
+    RULES.register(_name)(SignFeedback)
+
+
+@RULES.register("bp_const")
+class BackpropConst(WeightOptions, Backprop):
+    """Backprop with every layer's norm held at ‖W_0‖₂ after each step (sfa Eq. 10, "BP Const.").
+    Its config turns ``const_norm`` on; the E/I and Manhattan options work here too."""
+
+    def setup_rule(self) -> None:
+        super().setup_rule()
+        self.setup_weight_options()
+
+
+@RULES.register("bp_noise")
+class BackpropNoise(WeightOptions, Backprop):
+    """Backprop + zero-mean Gaussian noise on the learning signal (sfa §5.3, "BP + Noise").
+
+    Per parameter tensor, after backward: ``g ← g + s·σ_g·ξ``, ξ ~ N(0, I), σ_g² the (biased)
+    variance of the entries of the BP gradient g, s = ``noise_scale``. With s = 1 the noise
+    variance equals the gradient variance, as in the paper, and ∠(g + noise, g) ≈ 45°.
+
+    Added to the averaged gradient (``on_after_backward`` runs after DDP's all-reduce) from one
+    generator seeded with ``seed + 7919`` on every rank, so DDP and a single process
+    draw the same noise; its state is checkpointed so a resumed run continues the same stream.
+    """
+
+    NOISE_SEED_OFFSET = 7919
+
+    def setup_rule(self) -> None:
+        super().setup_rule()
+        self.noise_scale = float(self.cfg.algorithm.get("noise_scale", 1.0))
+        self.noise_generator: torch.Generator | None = None
+        self._noise_state: torch.Tensor | None = None
+        self.setup_weight_options()
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.noise_generator is None or self.noise_generator.device != device:
+            self.noise_generator = torch.Generator(device=device)
+            self.noise_generator.manual_seed(int(self.cfg.seed) + self.NOISE_SEED_OFFSET)
+            if self._noise_state is not None:
+                self.noise_generator.set_state(self._noise_state)
+                self._noise_state = None
+        return self.noise_generator
+
+    @torch.no_grad()
+    def on_after_backward(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and self.noise_scale:
+            gen = self._generator(grads[0].device)
+            for g in grads:
+                std = g.float().var(correction=0).sqrt() if g.numel() > 1 else g.new_zeros((), dtype=torch.float32)
+                noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=torch.float32)
+                g.add_((noise * (self.noise_scale * std)).to(g.dtype))
+        super().on_after_backward()  # Manhattan (if on) acts on the noisy update
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.noise_generator is not None:
+            checkpoint["noise_generator"] = self.noise_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._noise_state = checkpoint.get("noise_generator")
+        self.noise_generator = None
+
+
+@RULES.register("bp_align")
+class BackpropAlignment(WeightOptions, Backprop):
+    """Backprop on ``J = CE + λ Σ_l Σ_ij (w_ij − v_ij)²`` with fixed random V (sfa Eq. 9,
+    "BP + Alignment"), λ = ``align_lambda`` (0.001 in the paper). V has each weight's shape, is
+    drawn by ``target_init``/``target_sigma`` (bench.feedback.init) from a generator seeded with
+    ``seed + 1`` (every DDP rank draws the same V) and is a buffer. The reported loss is the CE
+    alone; the probe's "true gradient" is the CE gradient, so its update angle measures how far
+    the alignment term pulls the update away from BP (sfa Fig. 3c)."""
+
+    def setup_rule(self) -> None:
+        super().setup_rule()
+        a = self.cfg.algorithm
+        self.align_lambda = float(a.get("align_lambda", 1.0e-3))
+        self.setup_weight_options()
+        gen = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
+        for i, p in enumerate(self.constrained):
+            v = feedback_tensor(tuple(p.shape), str(a.get("target_init", "gaussian")), float(a.get("target_sigma", 0.05)), gen)
+            self.register_buffer(f"align_target_{i}", v.to(p.dtype))
+
+    def align_targets(self) -> list[torch.Tensor]:
+        return [getattr(self, f"align_target_{i}") for i in range(len(self.constrained))]
+
+    def objective(self, x, y):
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        penalty = sum(((w - v) ** 2).sum() for w, v in zip(self.constrained, self.align_targets()))
+        return loss + self.align_lambda * penalty, logits, loss
