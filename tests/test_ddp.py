@@ -28,7 +28,12 @@ COMMON = [
     "algorithm.optimizer=sgd", "algorithm.lr=0.1", "trainer.max_steps=3", "probe.every=0",
     "output.progress=none", "output.wandb=disabled",
 ]
-RULE_OVERRIDES: dict[str, list[str]] = {}  # rule → extra overrides it needs on this toy problem
+RULE_OVERRIDES: dict[str, list[str]] = {  # rule → extra overrides it needs on this toy problem
+    # Target rules: the first layer's error unit is β²-small at the default β and σ_E (its weights
+    # would move < 1e-4 in 3 steps); a larger displacement makes the movement check meaningful.
+    "rlra": ["algorithm.beta=1.0", "algorithm.error_sigma=0.3"],
+    "lra_e": ["algorithm.beta=1.0", "algorithm.error_sigma=0.3"],
+}
 RULES_UNDER_TEST = RULES.names()
 
 

@@ -18,8 +18,8 @@ appendix's alternative ΔE_{j→i} = γ z_i e_jᵀ ("proved useful for the MNIST
 experiments"; it is also LRA-E's rule: E tracks the transpose of W_j's update).
 
 Options (configs/algorithm/rlra.yaml): β, γ, skip gap g, elastic error units
-e = α_e(z − y) + (1 − α_e) sign(z − y) with α_e for depth 1 (units fed from the output by a skip
-synapse) and depth 2 (units fed by a pairwise synapse) — appendix, 0.19 and 0.24 for the CNNs and
+e = α_e(z − y) + (1 − α_e) sign(z − y) with α_e for depth 1 (units at the end of a skip synapse
+E_{L→ℓ}, ℓ mod g = 0) and depth 2 (units at the end of a pairwise synapse E_{ℓ+1→ℓ}) — appendix, 0.19 and 0.24 for the CNNs and
 ResNets, 1.0 (plain z − y) by default —, κ_ℓ layer weights of the total discrepancy (Eq. 2),
 and the initialisation of E (σ-Gaussian for the MLPs, unit Gaussian for the ResNets; appendix).
 Update re-projection Nm(Δ, c) is the general ``algorithm.max_grad_norm`` of every rule; it
@@ -201,7 +201,10 @@ class RecursiveLRA(AlgorithmModule):
             _, h, z = layers[l - 1]
             with torch.no_grad():
                 target = self.stages[l - 1].act(h.detach() - self.beta * d.detach())
-                alpha = self.alpha_depth1 if (j == L and not self.pairwise_only) else self.alpha_depth2
+                # Depth 1: the unit ends a skip synapse from the output (Alg. 1 line 17); depth 2:
+                # it ends a pairwise synapse inside a block (line 19), whatever its source layer.
+                skip = not self.pairwise_only and l % self.skip_gap == 0
+                alpha = self.alpha_depth1 if skip else self.alpha_depth2
                 errors[l] = elastic(z - target, alpha)
                 targets[l] = target
                 displacements[l] = d.detach()
