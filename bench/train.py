@@ -6,6 +6,7 @@ callback state; the rule's feedback tensors are buffers, so they travel in the s
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ from bench.console import interactive, under_ci
 from bench.config import ConfigError, config_hash, run_name
 from bench.data import create_datamodule
 from bench.models import create_model
-from bench.results.run import FINAL_STATUSES, RunRecorder, read_summary
+from bench.results.run import CKPT_KEY, FINAL_STATUSES, RunRecorder, read_summary
 
 # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (to keep fork-based strategies safe),
 # which makes torch.optim query NVML on *every* optimizer step: ~0.1 ms per step on a machine
@@ -57,7 +58,10 @@ def show_progress(cfg: DictConfig) -> bool:
     return mode == "rich"
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, attempt: int = 0) -> L.Trainer:
+    """``attempt`` counts resumes: each gets its own Lightning log folder, because Lightning's
+    CSV logger deletes an existing ``metrics.csv`` (the run folder's own ``metrics.csv`` is the
+    record; these are the per-step logs, kept for every attempt)."""
     t = cfg.trainer
     strategy = t.strategy
     if strategy == "ddp":
@@ -66,12 +70,14 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
         strategy = DDPStrategy(broadcast_buffers=False)
     if show_progress(cfg):
         callbacks = [*callbacks, RichProgressBar()]
-    loggers = [CSVLogger(run_dir, name="logs", version="")]
+    loggers = [CSVLogger(run_dir, name="logs", version=f"resume-{attempt}" if attempt else "")]
     if cfg.output.wandb != "disabled" and not under_ci():  # W&B is never required, and off under CI
         from lightning.pytorch.loggers import WandbLogger
 
+        # The W&B run id is a function of the run name, so a resumed run continues its W&B run.
+        wandb_id = hashlib.sha1(f"{run_dir.resolve()}".encode()).hexdigest()[:16]
         loggers.append(WandbLogger(project="bpfree-bench", name=run_name(cfg), mode=cfg.output.wandb,
-                                   save_dir=str(run_dir)))
+                                   save_dir=str(run_dir), id=wandb_id, resume="allow"))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_epochs=t.epochs, max_steps=t.max_steps, deterministic=t.deterministic,
@@ -93,6 +99,17 @@ def check_same_config(run_dir: Path, cfg: DictConfig) -> None:
         if config_hash(old) != config_hash(cfg):
             raise ConfigError(f"run folder {run_dir} holds a run of a different config; delete it, or pass "
                               f"output.root=<another folder>")
+    ckpt = run_dir / "last.ckpt"
+    if ckpt.exists():
+        try:  # mmap: only the small header entry is read, not the weights
+            saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the file
+            raise ConfigError(f"checkpoint {ckpt} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                              f"delete it to start the run over") from exc
+        saved_hash = saved.get(CKPT_KEY, {}).get("config_hash")
+        if saved_hash is not None and saved_hash != config_hash(cfg):
+            raise ConfigError(f"checkpoint {ckpt} is from a different config (hash {saved_hash}, this run "
+                              f"{config_hash(cfg)}); delete it to start over, or pass output.root=<another folder>")
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool = True) -> dict:
@@ -117,8 +134,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool
 
     probe, timer = AlignmentProbe(), EpochTimer()
     recorder = RunRecorder(run_dir, cfg, probe=probe, timer=timer, checkpoint=bool(cfg.output.checkpoint))
-    trainer = build_trainer(cfg, [timer, probe, recorder], run_dir)
     ckpt = recorder.ckpt_path if recorder.ckpt_path.exists() else None
+    attempt = len(list((run_dir / "logs").glob("resume-*"))) + 1 if ckpt else 0
+    trainer = build_trainer(cfg, [timer, probe, recorder], run_dir, attempt)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
     final = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import random
 import subprocess
 import traceback
 from pathlib import Path
@@ -19,9 +20,11 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
+from bench.config import config_hash
 from bench.results.io import read_json, write_csv, write_json, write_text
 
 FINAL_STATUSES = ("finished", "diverged", "failed")
+CKPT_KEY = "bench"  # our entry in a Lightning checkpoint: {"config_hash": ...}
 
 
 def git_commit() -> str:
@@ -63,13 +66,49 @@ class RunRecorder(Checkpoint):
         return self.run_dir / "last.ckpt"
 
     def state_dict(self):
-        return {"rows": self.rows}
+        # Python's and NumPy's generators are seeded by seed_everything but, unlike torch's (saved
+        # by the rule base), not saved by Lightning; a rule or model that draws from them would
+        # otherwise resume on another stream. Plain lists and ints: Lightning loads checkpoints
+        # with weights_only=True, which refuses NumPy arrays.
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"rows": self.rows, "rng_python": random.getstate(),
+                "rng_numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
 
     def load_state_dict(self, state):
+        import numpy as np
+
         self.rows = list(state.get("rows", []))
+        if "rng_python" in state:
+            random.setstate(state["rng_python"])
+        if "rng_numpy" in state:
+            kind, keys, pos, has_gauss, gauss = state["rng_numpy"]
+            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+    def on_fit_start(self, trainer, pl_module):
+        # Lightning restores callback state before this hook. On a resume the checkpoint's rows
+        # are the record: the files may hold an epoch the checkpoint does not (a kill between the
+        # CSV write and the checkpoint rename), which is trained again.
+        if trainer.is_global_zero and trainer.ckpt_path is not None:
+            self._write_tables()
+
+    def _write_tables(self):
+        write_csv(self.run_dir / "metrics.csv", self.rows)
+        if self.probe is not None and self.probe.records:
+            write_csv(self.run_dir / "probe.csv", self.probe.records)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # train() compares this with the run's config before resuming: a checkpoint copied in
+        # from another config is refused with one line instead of a state-dict traceback.
+        checkpoint[CKPT_KEY] = {"config_hash": config_hash(self.cfg)}
 
     def setup(self, trainer, pl_module, stage):
         if trainer.is_global_zero and stage == "fit":
+            # A kill between a temp write and its rename leaves the temp file; the real file is
+            # intact, so the leftover is garbage, never state.
+            for stale in self.run_dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
             write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg))
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -79,15 +118,20 @@ class RunRecorder(Checkpoint):
             row.update(self.probe.epoch_means(trainer.current_epoch))
         self.rows.append(row)
         if trainer.is_global_zero:
-            write_csv(self.run_dir / "metrics.csv", self.rows)
-            if self.probe is not None and self.probe.records:
-                write_csv(self.run_dir / "probe.csv", self.probe.records)
+            self._write_tables()
         if self.checkpoint:
             # Lightning saves on rank 0 only; write to a temp name and rename, so a kill never
             # leaves a truncated checkpoint behind.
             tmp = self.run_dir / ".last.ckpt.tmp"
             trainer.save_checkpoint(tmp, weights_only=False)
             if trainer.is_global_zero:
+                # fsync before the rename: after a machine crash (not only a kill) the name must
+                # not point at blocks that never reached the disk.
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.replace(tmp, self.ckpt_path)
         if trainer.is_global_zero:
             self.write_summary(trainer, pl_module, "running")
@@ -113,7 +157,8 @@ class RunRecorder(Checkpoint):
                 "epoch_s_mean": sum(epoch_times) / len(epoch_times) if epoch_times else None,
                 "epoch_s": epoch_times,
                 "step_median_ms": epochs[-1]["time/step_median_ms"] if epochs else None,
-                "probe_s_total": float(pl_module.probe_seconds) if pl_module is not None else None,
+                # from the (checkpointed) timer history, so a resumed run counts its earlier epochs
+                "probe_s_total": sum(e["time/probe_s"] for e in epochs) if epochs else None,
             },
             "memory": {"peak_mb": max((e["mem/peak_mb"] for e in epochs), default=None)},
             "git_commit": git_commit(),

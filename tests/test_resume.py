@@ -1,0 +1,175 @@
+"""Exact resume: a run killed with SIGKILL mid-epoch and started again with the same command ends
+with the same weights, optimizer state, metrics.csv and probe.csv as a run never interrupted;
+a kill corrupts nothing; a run folder or checkpoint of another config is refused with one line."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import cli
+from bench.config import compose
+from bench.results.io import read_csv
+from bench.train import train
+from tests.conftest import REPO, cli_env, one_run_dir
+
+EPOCHS = 4
+# Everything whose state a resume must restore: dropout (torch RNG), FA feedback buffers, a
+# step scheduler, Adam moments, the probe's records and the timer's history.
+ARGS = [
+    "data.name=synthetic", "data.shape=[12]", "data.num_classes=3", "data.n_train=3000", "data.n_test=48",
+    "data.val_size=32", "data.batch_size=16", "data.eval_batch_size=64",
+    "model.depth=2", "model.width=8", "model.dropout=0.3",
+    "algorithm.name=fa", "algorithm.scheduler=step", "algorithm.step_size=1", "algorithm.gamma=0.5",
+    f"trainer.epochs={EPOCHS}", "trainer.threads=1", "probe.every=7", "output.progress=none", "seed=3",
+]
+TIMING = ("time/", "mem/")  # wall-clock and memory differ between any two runs
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in read_csv(run_dir / "metrics.csv")]
+
+
+def checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ca, cb = checkpoint(a), checkpoint(b)
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    for key in ca["state_dict"]:
+        torch.testing.assert_close(ca["state_dict"][key], cb["state_dict"][key], rtol=0, atol=1e-6, msg=key)
+    for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=0, atol=1e-6)
+    assert ca["lr_schedulers"] == cb["lr_schedulers"]
+    assert (ca["epoch"], ca["global_step"]) == (cb["epoch"], cb["global_step"])
+    rows_a, rows_b = metric_rows(a), metric_rows(b)
+    assert [r["epoch"] for r in rows_a] == [str(e) for e in range(EPOCHS)]
+    assert rows_a == rows_b
+    assert read_csv(a / "probe.csv") == read_csv(b / "probe.csv")
+    sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+    assert sa["status"] == sb["status"] == "finished"
+    assert sa["final"] == sb["final"] and sa["epochs_done"] == sb["epochs_done"] == EPOCHS
+    assert len(sb["time"]["epoch_s"]) == EPOCHS  # the timer history survived the kill
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run, trained in this process."""
+    root = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    try:
+        summary = train(compose(overrides=[*ARGS, f"output.root={root}"]))
+    finally:
+        torch.set_num_threads(threads)  # trainer.threads=1 must not slow the rest of the suite
+    assert summary["status"] == "finished"
+    return one_run_dir(root)
+
+
+def start_run(root: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bench", "run", *ARGS, f"output.root={root}"], env=cli_env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, reference):
+    root = tmp_path / "runs"
+    proc = start_run(root)
+    summary_path = None
+    deadline = time.monotonic() + 120
+    # Wait for the first epoch's checkpoint (its summary is written right after last.ckpt) ...
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(root.rglob("summary.json"))
+        if found and json.loads(found[0].read_text()).get("epochs_done", 0) >= 1:
+            summary_path = found[0]
+            break
+        time.sleep(0.05)
+    assert summary_path is not None, f"no epoch finished before the deadline: {proc.communicate()}"
+    # ... then kill it half an epoch later: inside epoch 2 (or later), never between epochs by design.
+    first_epoch_s = json.loads(summary_path.read_text())["time"]["epoch_s"][0]
+    time.sleep(0.5 * first_epoch_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    run_dir = summary_path.parent
+    killed = json.loads(summary_path.read_text())
+    assert killed["status"] == "running" and 1 <= killed["epochs_done"] < EPOCHS, "the kill came too late to test resume"
+    # nothing half-written: every file parses, and the checkpoint is a whole epoch
+    ckpt = checkpoint(run_dir)
+    assert ckpt["epoch"] == killed["epochs_done"] - 1
+    assert len(read_csv(run_dir / "metrics.csv")) >= killed["epochs_done"]
+
+    rerun = subprocess.run([sys.executable, "-m", "bench", "run", *ARGS, f"output.root={root}"], env=cli_env(),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.startswith("finished:")
+    # It resumed rather than started over: its own per-step log begins after the checkpoint.
+    resumed_epochs = {int(r["epoch"]) for r in read_csv(run_dir / "logs" / "resume-1" / "metrics.csv") if r.get("epoch")}
+    assert min(resumed_epochs) == killed["epochs_done"]
+    assert not list(run_dir.glob(".*.tmp"))
+    assert_same_run(reference, run_dir)
+
+
+def test_kill_after_training_before_the_final_summary(tmp_path, reference):
+    """A kill during the final test pass: the rerun trains nothing and writes the same summary."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(status="running", final={})
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "metrics.csv").write_text("")  # rewritten from the checkpoint's rows, or the test fails
+    threads = torch.get_num_threads()
+    try:
+        train(compose(overrides=[*ARGS, f"output.root={tmp_path}"]), run_dir=run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(reference, run_dir)
+
+
+def run_cli_in_process(capsys, *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", *args])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_run_folder_or_checkpoint_of_another_config_is_refused(tmp_path, reference, capsys):
+    root = tmp_path / "runs"
+    run_dir = root / reference.relative_to(reference.parents[2])  # adhoc/<name>/s<seed>
+    shutil.copytree(reference, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+    # config.yaml says another width: the folder belongs to another config
+    saved = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(saved.replace("width: 8", "width: 9"))
+    code, err = run_cli_in_process(capsys, *ARGS, f"output.root={root}")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: run folder") and "different config" in err
+    (run_dir / "config.yaml").write_text(saved)
+
+    # last.ckpt copied in from a run of another config (same folder name would never hold one)
+    other_root = tmp_path / "other"
+    summary = train(compose(overrides=[*ARGS, "model.width=16", "trainer.epochs=1", "trainer.max_steps=3",
+                                       f"output.root={other_root}"]))
+    shutil.copy(one_run_dir(other_root) / "last.ckpt", run_dir / "last.ckpt")
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    code, err = run_cli_in_process(capsys, *ARGS, f"output.root={root}")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: checkpoint") and "different config" in err
+
+    # an unreadable checkpoint is named, not a traceback
+    (run_dir / "last.ckpt").write_bytes(b"not a checkpoint")
+    code, err = run_cli_in_process(capsys, *ARGS, f"output.root={root}")
+    assert code == 2 and err.count("\n") == 1 and "cannot be read" in err
+
+    # nothing else in the folder was touched by the refusals
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k not in ("last.ckpt", "summary.json")} == \
+        {k: v for k, v in before.items() if k not in ("last.ckpt", "summary.json")}
