@@ -29,7 +29,8 @@ RUN_KEYS = ("table", "row", "column", "budget")
 BUDGET_KEYS = {"name": str, "epochs": int, "train_subset": int, "seeds": int}
 # Keys whose default is null still have a type; a value given for them is checked against it.
 NULLABLE_TYPES = {"table": "", "row": "", "column": "", "budget": "", "variant": "",
-                  "data.train_subset": 0, "algorithm.max_grad_norm": 0.0, "model.block_size": 0}
+                  "data.train_subset": 0, "algorithm.max_grad_norm": 0.0, "model.block_size": 0,
+                  "algorithm.feedback_device": "", "algorithm.bottleneck_layer": ""}
 # Overrides that change where or how fast a run goes, never what it computes: they do not make
 # a table run a different variant (and so a different run folder).
 NEUTRAL_PREFIXES = ("seed=", "output.", "probe.", "guard.", "trainer.threads=", "trainer.name=",

@@ -72,6 +72,9 @@ class AlgorithmModule(L.LightningModule):
         """Switch the rule off in place (converted layers use Wᵀ, no cuts or injections)."""
         yield
 
+    def after_backward(self) -> None:
+        """Hook after the rule's backward, before re-projection and the step (e.g. gradient masks)."""
+
     def after_step(self) -> None:
         """Hook after ``optimizer.step()`` (e.g. weight constraints)."""
 
@@ -195,6 +198,7 @@ class AlgorithmModule(L.LightningModule):
         self.manual_backward(surrogate)
         if self.tap is not None and not self._probe_due:
             self.tap.clear()  # drop references to this step's activations; the probe clears its own
+        self.after_backward()
         if self.max_grad_norm is not None:
             reproject_(self.parameters(), self.max_grad_norm)
         opt.step()  # the alignment probe runs inside, at on_before_optimizer_step

@@ -1,34 +1,91 @@
-"""Direct feedback alignment (Nøkland 2016) with the unified feedback matrix of Launay et al. 2020.
+"""Direct projection: DFA, sign-DFA and DRTP, with the unified feedback matrix of Launay et al. 2020.
 
-Each feedback point h_i receives the global error e = ∂L/∂ŷ through a fixed B_i:
-    δa_i = (B_i e) ⊙ φ′(a_i),   ΔW_i = δa_i h_{i-1}ᵀ      (Nøkland Eq. 3; Launay Eq. 4)
+Each feedback point h_i receives a global signal s through a fixed B_i:
+    δa_i = (B_i s) ⊙ φ′(a_i),   ΔW_i = δa_i h_{i-1}ᵀ
+  * DFA      (Nøkland 2016 Eq. 3; Launay Eq. 4):  s = e = ∂L/∂ŷ
+  * sign-DFA (Frenkel et al. 2021):               s = sign(e) / N
+  * DRTP     (Frenkel et al. 2021):               s = −y* / N  (the one-hot target; the minus sign
+    makes s match the sign of e at initialisation, where the softmax is near uniform and e ≈ ŷ − y*)
+(N rows in the batch: every variant's update is a batch mean, like DFA's.)
 with B_i the normalised slices of one matrix (Launay Eq. 7–8, see bench/feedback/direct.py).
+
 The graph is cut at every point, so nothing propagates backward through the network: the
-surrogate L + Σ_i ⟨h_i, stopgrad(B_i e)⟩ gives each layer its local gradient in one backward,
-and the output layer its true local gradient.
+surrogate L + Σ_i ⟨h_i, stopgrad(B_i s)⟩ gives each layer its local gradient in one backward,
+and the output layer its true local gradient. ``micro`` points sit after every nonlinearity;
+``macro`` points after every block, so a block trains by local backprop from its injected signal.
+
+Options beyond the paper's rule: ``bottleneck_layer``/``bottleneck_neurons`` reproduce the dfa
+paper's bottleneck experiment (§4.2: a fixed random set of a layer's neurons never receives an
+update), and ``feedback_device`` keeps the feedback matrix and the projection on another device
+(Launay §2.3: multi-GPU memory relief).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.direct import DirectFeedback
 from bench.models.base import point_sizes
 
-
 @RULES.register("dfa")
 class DirectFeedbackAlignment(AlgorithmModule):
+    signal = "error"
+
     def setup_rule(self) -> None:
         a = self.cfg.algorithm
         if self.tap is None or not self.tap.names:
-            raise ValueError(f"dfa: model {self.cfg.model.name} exposes no feedback points")
+            raise ValueError(f"{a.name}: model {self.cfg.model.name} exposes no feedback points")
         granularity = str(a.get("granularity", "micro"))
         sizes = list(point_sizes(self.model, self.input_shape, granularity).values())
         self.feedback = DirectFeedback(sizes, self.num_classes, unified=a.unified, normalize=a.normalize,
                                        init=a.feedback_init, seed=int(self.cfg.seed) + 1)
+        self.feedback_device = a.get("feedback_device")
         self.tap.cut = True
+        self._setup_bottleneck(a.get("bottleneck_layer"), int(a.get("bottleneck_neurons", -1)))
+
+    def _setup_bottleneck(self, layer: str | None, neurons: int) -> None:
+        """Launay §4.2: zero the gradient of all but ``neurons`` output neurons of ``layer``, chosen
+        once at initialisation; those weights never change, yet the forward pass is intact."""
+        self.bottleneck: list[torch.nn.Parameter] = []
+        if not layer or neurons < 0:
+            return
+        modules = dict(self.model.named_modules())
+        if layer not in modules:
+            linear = [n for n, m in modules.items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            raise ValueError(f"bottleneck_layer {layer!r} is not a layer of the model; valid choices: {', '.join(linear)}")
+        module = modules[layer]
+        out_features = module.weight.shape[0]
+        if neurons > out_features:
+            raise ValueError(f"bottleneck_neurons={neurons} exceeds the {out_features} neurons of {layer}")
+        keep = torch.zeros(out_features, dtype=torch.bool)
+        keep[torch.randperm(out_features, generator=torch.Generator().manual_seed(int(self.cfg.seed) + 2))[:neurons]] = True
+        self.register_buffer("bottleneck_keep", keep)
+        self.bottleneck = [p for p in (module.weight, module.bias) if p is not None]
+
+    def after_backward(self) -> None:
+        for param in self.bottleneck:
+            if param.grad is not None:
+                param.grad.mul_(self.bottleneck_keep.view(-1, *([1] * (param.grad.dim() - 1))).to(param.grad.dtype))
+
+    def on_fit_start(self) -> None:
+        if self.feedback_device:  # Lightning moved every buffer to the model's device; move these back
+            self.feedback.to(self.feedback_device)
+
+    def global_signal(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """The signal every point receives, one row per sample (or token).
+
+        sign(e) and −y* are divided by the number of rows like e = ∂(mean loss)/∂ŷ is, so every
+        variant's update is a batch mean: the learning rate means the same across variants and
+        DDP's gradient averaging gives the single-process update.
+        """
+        rows = logits.numel() // logits.shape[-1]
+        if self.signal == "target":
+            return F.one_hot(y.reshape(-1), logits.shape[-1]).to(logits.dtype).mul_(-1.0 / rows)
+        error = torch.autograd.grad(loss, logits, retain_graph=True)[0].reshape(-1, logits.shape[-1])
+        return torch.sign(error).mul_(1.0 / rows) if self.signal == "sign_error" else error
 
     def objective(self, x, y):
         self.tap.clear()
@@ -37,15 +94,31 @@ class DirectFeedbackAlignment(AlgorithmModule):
         points = self.tap.outputs
         if not points:  # inside true_gradient(): plain backprop
             return loss, logits, loss
-        error = torch.autograd.grad(loss, logits, retain_graph=True)[0].reshape(-1, logits.shape[-1])
+        signal = self.global_signal(logits, y, loss).detach()
+        if self.feedback_device:
+            signal = signal.to(self.feedback_device)
         surrogate = loss
-        for h, (signal, scale) in zip(points, self.feedback.project(error.detach())):
-            # ⟨h, B_i e⟩ as one dot product, scaled as a scalar: its backward hands exactly
-            # scale·U_i e = B_i e to h, with no extra pass over the signal.
-            surrogate = surrogate + scale * torch.dot(h.reshape(-1), signal.reshape(-1))
+        for h, (projected, scale) in zip(points, self.feedback.project(signal)):
+            # ⟨h, B_i s⟩ as one dot product, scaled as a scalar: its backward hands exactly
+            # scale·U_i s = B_i s to h, with no extra pass over the projection.
+            surrogate = surrogate + scale * torch.dot(h.reshape(-1), projected.to(h.device).reshape(-1))
         return surrogate, logits, loss
 
     @contextmanager
     def true_gradient(self):
         with self.tap.settings(cut=False):
             yield
+
+
+@RULES.register("sdfa")
+class SignDirectFeedbackAlignment(DirectFeedbackAlignment):
+    """sign-DFA: project sign(e) (Frenkel et al. 2021's sDFA)."""
+
+    signal = "sign_error"
+
+
+@RULES.register("drtp")
+class DirectRandomTargetProjection(DirectFeedbackAlignment):
+    """DRTP (Frenkel et al. 2021): project the target −y*; needs neither the output nor the error."""
+
+    signal = "target"

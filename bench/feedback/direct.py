@@ -56,3 +56,19 @@ class DirectFeedback(nn.Module):
         stored = sum(b.numel() for b in self.buffers())
         return {"stored": stored, "naive": sum(self.sizes) * self.error_size,
                 "unified": max(self.sizes) * self.error_size}
+
+
+def feedback_memory(model: nn.Module, input_shape: tuple[int, ...], error_size: int,
+                    granularity: str = "micro", bytes_per_float: int = 4) -> dict:
+    """Feedback-matrix memory of direct projection on ``model`` (dfa Table 1), without building it.
+
+    Returns the per-point sizes l_i (per row of e), the naive Σ l_i·e and the unified l_max·e, in
+    floats and in bytes.
+    """
+    from bench.models.base import point_sizes  # models import feedback code, not the other way round
+
+    sizes = point_sizes(model, tuple(input_shape), granularity)
+    naive, unified = sum(sizes.values()) * error_size, max(sizes.values()) * error_size
+    return {"points": sizes, "error_size": error_size,
+            "naive_floats": naive, "unified_floats": unified,
+            "naive_bytes": naive * bytes_per_float, "unified_bytes": unified * bytes_per_float}
