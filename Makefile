@@ -40,8 +40,8 @@ test: setup ## run the fast test suite (the README's test command)
 test-slow: setup ## run the slow tests too
 	$(PY) -m pytest -q -m "slow or not slow"
 
-reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET) and render results/<id>.md
-	$(PY) -m bench table $* --budget $(BUDGET)
+reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET), PARALLEL at a time (default 2), render results/<id>.md
+	$(PY) -m bench sweep $* --local --budget $(BUDGET) --parallel $(or $(PARALLEL),2)
 
 perf: setup ## speed ratios against backprop, written to results/perf/cpu.csv
 	$(PY) -m bench perf --out results/perf/cpu.csv

@@ -1,12 +1,14 @@
-"""``python -m bench {run, table, perf, regress}``.
+"""``python -m bench {run, table, sweep, report, compare, perf, regress}``.
 
 Bad configs exit with status 2 and one line; missing data exits with status 3 and one line.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from bench.console import interactive
 from bench.config import ConfigError, budget_names, compose, parse_cli, table_ids
@@ -19,6 +21,10 @@ def _fail(message: str, status: int) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     run, dotlist = parse_cli(args.overrides)
+    if os.environ.get("WANDB_SWEEP_ID") and not any(o.startswith("output.wandb=") for o in dotlist):
+        # Started by a W&B agent: log to its sweep. output.* is neutral, so the run folder (and
+        # skip/resume) is the same as for a local run of this cell.
+        dotlist.append("output.wandb=online")
     # Validate before importing Lightning, so a typo costs a second, not ten.
     cfg = compose(run.get("table"), run.get("row"), run.get("column"), run.get("budget"), dotlist)
     from bench.data import DataUnavailable
@@ -73,6 +79,64 @@ def cmd_table(args: argparse.Namespace) -> None:
     console.print(f"wrote {md} and {md.with_suffix('.csv')} in {time.perf_counter() - start:.0f} s")
 
 
+def print_table(table, budget: str, cells, results: str, quiet: bool, console) -> None:
+    from rich.markdown import Markdown
+
+    from bench.results.table import write_table
+
+    md, text = write_table(table, budget, cells, out_dir=results)
+    console.print(Markdown(text) if not quiet else text)
+    console.print(f"wrote {md} and {md.with_suffix('.csv')}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from bench import sweep as sw
+
+    sweeps_dir = Path(args.sweeps_dir) if args.sweeps_dir else None
+    if args.write:
+        for path in sw.write_sweeps([args.table] if args.table else None, sweeps_dir):
+            print(f"wrote {path}")
+        return
+    if not args.table:
+        _fail("sweep: name a table id (or pass --write to regenerate every sweep file)", 2)
+    if args.wandb:
+        sweep_id, agent = sw.create_wandb_sweep(args.table, args.budget or sw.SWEEP_BUDGET, project=args.project,
+                                                entity=args.entity, sweeps_dir=sweeps_dir)
+        print(f"created W&B sweep {sweep_id}; start agents with:\n  {agent}")
+        return
+    if not args.local:
+        _fail("sweep: choose --local (run here, no server), --wandb (create a W&B sweep) or --write", 2)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    budget = args.budget or "smoke"
+    table, cells = sw.plan(args.table, budget, output_root=args.output_root, overrides=args.overrides,
+                           rows=args.rows, seeds=args.seeds)
+    roots = {Path(c.cfg.output.root) for c in cells if c.cfg is not None}
+    for root in sorted(roots):
+        sw.check_writable(root, "run folder root")
+    sw.check_writable(Path(args.results), "results folder")
+    quiet = not interactive()
+    console = Console()
+    start = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=quiet) as progress:
+        task = progress.add_task(f"{table.id} ({budget}, {args.parallel} at a time)", total=len(cells))
+
+        def report(cell):
+            progress.advance(task)
+            progress.console.print(sw.cell_line(cell))
+
+        sw.run_local(cells, parallel=args.parallel, retry_failed=args.retry_failed, overrides=args.overrides,
+                     progress=report)
+    print_table(table, budget, cells, args.results, quiet, console)
+    failed = [c for c in cells if c.status == "failed"]
+    console.print(f"{len(cells)} cells in {time.perf_counter() - start:.0f} s"
+                  + (f"; {len(failed)} failed (rerun them with --retry-failed)" if failed else ""))
+    if failed:
+        raise SystemExit(1)
+
+
 def cmd_perf(args: argparse.Namespace) -> None:
     from bench.perf import main as perf_main
 
@@ -104,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotlist applied to every cell, e.g. trainer.threads=2")
     p.set_defaults(func=cmd_table)
 
+    p = sub.add_parser("sweep", help="a table's grid: run it locally (--local), create a W&B sweep (--wandb), "
+                                     "or regenerate sweeps/*.yaml (--write)")
+    p.add_argument("table", nargs="?", default=None, metavar="TABLE")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="run the grid here, N runs at a time, no server")
+    mode.add_argument("--wandb", action="store_true", help="create the W&B sweep and print the agent command")
+    mode.add_argument("--write", action="store_true", help="regenerate sweeps/<id>.yaml (all tables without TABLE)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (--local); each gets cores // N threads")
+    p.add_argument("--budget", default=None, choices=budget_names(),
+                   help="--local: default smoke; --wandb: default full (the sweep file)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells whose last run failed")
+    p.add_argument("--rows", nargs="*", default=None, help="only these rows (--local)")
+    p.add_argument("--seeds", type=int, default=None, help="override the budget's seed count (--local)")
+    p.add_argument("--output-root", default=None, help="run folders root (default: output.root)")
+    p.add_argument("--results", default="results", help="where the rendered table goes")
+    p.add_argument("--sweeps-dir", default=None, help="where sweep files live (default: sweeps/)")
+    p.add_argument("--project", default="bpfree-bench", help="W&B project (--wandb)")
+    p.add_argument("--entity", default=None, help="W&B entity (--wandb)")
+    p.add_argument("overrides", nargs="*", help="dotlist applied to every cell, e.g. trainer.accelerator=gpu")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("perf", help="update-time ratios against backprop, interleaved, in one process")
     p.add_argument("--out", default="results/perf/cpu.csv")
     p.add_argument("--repeats", type=int, default=30)
@@ -118,7 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # W&B agents may pass --key=value (${args}); `run` takes those as overrides like key=value.
+    if unknown and args.command == "run" and all(u.startswith("--") and "=" in u for u in unknown):
+        args.overrides = [*args.overrides, *unknown]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except ConfigError as exc:
