@@ -82,7 +82,7 @@ class WeightOptions:
             if int(self.ei_steps) < math.ceil(self.ei_fraction * self._total_steps()):
                 return
             for s, p in zip(self.ei_signs(), self.constrained):
-                torch.where(p >= 0, 1.0, -1.0, out=s)  # a weight at exactly 0 freezes as excitatory
+                s.copy_(p.sign()).add_(p == 0)  # a weight at exactly 0 freezes as excitatory (+1)
             self.ei_frozen.fill_(True)
         eps = self.ei_epsilon
         for s, p in zip(self.ei_signs(), self.constrained):
