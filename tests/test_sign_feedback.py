@@ -21,6 +21,16 @@ from bench.results.io import read_csv
 from bench.train import train
 from conftest import load_state, one_run_dir
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These nets are tiny (ResNet-18 at batch 2): on a shared 2-core machine two intra-op threads
+    # made a ResNet-18 step ~10× slower (6 s vs 0.6 s) than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SFA_RULES = ["usf_init", "usf_sn", "ss", "bp_const", "bp_noise", "bp_align", "kp", "wm"]
 
 
