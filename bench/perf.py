@@ -28,8 +28,8 @@ from bench.results.run import device_name
 UPDATE_CASES = [
     # (name, model overrides, data shape, rules, targets {rule: max ratio})
     ("mlp-3x800-tanh", ["model.name=mlp", "model.depth=3", "model.width=800", "model.activation=tanh"],
-     [1, 28, 28], {"fa": 1.05, "dfa": 0.85}),
-    ("sfa-mnist-cnn", ["model.name=sfa_mnist"], [1, 28, 28], {"fa": 1.05}),
+     [1, 28, 28], {"fa": 1.05, "dfa": 0.85, "usf_init": 1.05, "usf_sn": 1.05, "kp": 1.15}),
+    ("sfa-mnist-cnn", ["model.name=sfa_mnist"], [1, 28, 28], {"fa": 1.05, "usf_init": 1.05, "usf_sn": 1.05, "kp": 1.15}),
 ]
 
 
