@@ -35,7 +35,7 @@ NULLABLE_TYPES = {"table": "", "row": "", "column": "", "budget": "", "variant":
 # a table run a different variant (and so a different run folder).
 NEUTRAL_PREFIXES = ("seed=", "output.", "probe.", "guard.", "trainer.threads=", "trainer.name=",
                     "trainer.accelerator=", "trainer.precision=")
-TABLE_KEYS = {"id", "title", "paper", "metric", "columns", "common", "rows", "budgets", "notes", "decisions"}
+TABLE_KEYS = {"id", "title", "paper", "metric", "columns", "common", "rows", "budgets", "notes", "decisions", "compute"}
 ROW_META_KEYS = {"paper", "budgets", "note", "cited"}  # row keys that are not config sections
 
 

@@ -145,6 +145,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool
                                verbose=False)
         for per_loader in results:
             final.update({k.split("/dataloader_idx")[0]: float(v) for k, v in per_loader.items()})
+        # accuracies too, for the tables that report them (dfa, sfa): acc = 100 − error
+        final.update({k[:-4] + "acc" + k[-1]: 100.0 - v for k, v in list(final.items()) if k[:-1].endswith("/err")})
     status = module.status if module.status == "diverged" else "finished"
     summary = recorder.write_summary(trainer, module, status, final=final) if trainer.is_global_zero else {"status": status}
     assert status in FINAL_STATUSES

@@ -12,6 +12,7 @@ Logged per probe to every logger, kept per probe in ``probe.csv`` and as epoch m
   align/ratio/<layer>       ‖rule ΔW‖ / ‖BP ∂L/∂W‖                 (Moskovitz et al. Fig. 2)
   align/signal/<point>      mean over samples of ∠(δh_i, ∂L/∂h_i)  (Launay et al. Eq. 6)
   align/signal_std/<point>  its std over the batch
+  align/signal_cos/<point>  mean (and ``_std``) over samples of the cosine of that angle (Launay Tables 2, 4)
   align/wb/<layer>          ∠(W, B) for rules with a per-layer feedback tensor
 """
 from __future__ import annotations
@@ -118,6 +119,10 @@ class AlignmentProbe(Callback):
             angles = per_sample_angles_deg(s_rule, s_bp)
             values[f"align/signal/{point}"] = angles.mean()
             values[f"align/signal_std/{point}"] = angles.std() if angles.numel() > 1 else angles.new_zeros(())
+            # Launay et al. report the cosine itself (Tables 2 and 4): mean and std over the batch
+            cosines = torch.cos(torch.deg2rad(angles))
+            values[f"align/signal_cos/{point}"] = cosines.mean()
+            values[f"align/signal_cos_std/{point}"] = cosines.std() if cosines.numel() > 1 else cosines.new_zeros(())
         for layer, (w, b) in pl_module.feedback_weight_pairs().items():
             values[f"align/wb/{layer}"] = angle_deg(w.detach(), b)
         if not values:

@@ -53,6 +53,8 @@ def expand(table_id: str, budget: str, output_root: str | None = None, overrides
 
     table = load_table(table_id)
     cells = []
+    if table.get("compute"):
+        return table, cells
     for row in table.rows:
         if rows and row not in rows:
             continue
@@ -110,14 +112,24 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def lookup(summary: dict, field_key: str):
+    """A summary value: final test/train metrics first, then the last epoch's row (alignment,
+    timing). ``align/signal_cos/@1`` means the second feedback point in forward order, whatever
+    its module name (a BatchNorm or Dropout shifts the names, not the order)."""
+    values = {**summary.get("last_epoch", {}), **summary.get("final", {})}
+    if "@" in field_key:
+        prefix, index = field_key.split("@")
+        keys = sorted((k for k in values if k.startswith(prefix) and "/" not in k[len(prefix):]), key=natural_key)
+        position = int(index) if index != "last" else -1
+        if not keys or (position >= len(keys)):
+            return None
+        field_key = keys[position]
+    value = values.get(field_key)
+    return None if value in (None, "") else float(value)
+
+
 def measured_values(cells: list[Cell], field_key: str) -> list[float]:
-    out = []
-    for c in cells:
-        if c.status == "finished":
-            v = c.summary.get("final", {}).get(field_key)
-            if v is not None:
-                out.append(float(v))
-    return out
+    return [v for c in cells if c.status == "finished" and (v := lookup(c.summary, field_key)) is not None]
 
 
 def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
@@ -149,13 +161,13 @@ def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
     return records
 
 
-def cell_text(rec: dict) -> str:
-    paper = _fmt(rec["paper"]) if rec["paper"] is not None else "–"
+def cell_text(rec: dict, digits: int = 2) -> str:
+    paper = _fmt(rec["paper"], digits) if rec["paper"] is not None else "–"
     if rec["status"] != "finished":
         return f"{paper} → *{rec['status']}*"
-    std = f" ± {_fmt(rec['measured_std'])}" if rec["seeds"] > 1 else ""
-    delta = f" ({rec['delta']:+.2f})" if rec["delta"] is not None else ""
-    return f"{paper} → **{_fmt(rec['measured_mean'])}**{std}{delta}"
+    std = f" ± {_fmt(rec['measured_std'], digits)}" if rec["seeds"] > 1 else ""
+    delta = f" ({rec['delta']:+.{digits}f})" if rec["delta"] is not None else ""
+    return f"{paper} → **{_fmt(rec['measured_mean'], digits)}**{std}{delta}"
 
 
 def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: list[Cell]) -> str:
@@ -168,13 +180,21 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
     lines = [
         f"# {table.id}: {table.title}",
         "",
-        f"- **budget: `{budget}`**" + (" — a smoke run proves the pipeline, it is **not** a reproduction" if budget == "smoke" else ""),
-        f"- epochs trained: {', '.join(map(str, epochs)) or '–'}; seeds per cell: up to {max([r['seeds'] for r in records] or [0])}",
+        *([f"- **computed from the models with one dry forward, nothing trained**: exact at every budget"]
+          if table.get("compute") else [
+            f"- **budget: `{budget}`**" + (" — a smoke run proves the pipeline, it is **not** a reproduction" if budget == "smoke" else ""),
+            f"- epochs trained: {', '.join(map(str, epochs)) or '–'}; seeds per cell: up to {max([r['seeds'] for r in records] or [0])}"]),
         f"- device: {'; '.join(devices)}",
         f"- rendered {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from commit `{git_commit()[:10]}`",
         f"- cells read `paper → measured ± std (Δ measured − paper)`, {table.get('metric', {}).get('name', 'metric')} in {unit or 'the paper’s unit'}; paper numbers are quoted from the paper, never measured here",
         "",
     ]
+    for col in columns:  # a budget may run a column on a stand-in dataset: say so up front
+        declared = OmegaConf.select(table.columns[col], "data.name", default=None)
+        used = sorted({str(c.cfg.data.name) for c in cells if c.column == col and c.cfg is not None})
+        if declared and used and used != [declared]:
+            lines.insert(-1, f"- **column `{col}` runs on `{', '.join(used)}` at this budget** — a stand-in for "
+                             f"`{declared}`, so its numbers are not comparable with the paper's")
     header = ["row"] + [f"{col} {f}" for col in columns for f in fields]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_key = {(r["row"], r["column"], r["field"]): r for r in records}
@@ -183,7 +203,7 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
         for col in columns:
             for f in fields:
                 rec = by_key.get((row, col, f))
-                cells_txt.append(cell_text(rec) if rec else "–")
+                cells_txt.append(cell_text(rec, int(table.get("metric", {}).get("digits", 2))) if rec else "–")
         lines.append("| " + " | ".join([row] + cells_txt) + " |")
     lines += diagnostics_section(cells)
     reasons = sorted({(r["status"], r["reason"]) for r in records if r["status"] != "finished" and r["reason"]})
@@ -221,7 +241,12 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
 
 
 def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str | Path = "results") -> tuple[Path, str]:
-    records = aggregate(table, cells)
+    if table.get("compute"):  # computed from the models, nothing trained (bench/results/computed.py)
+        from bench.results.computed import COMPUTED
+
+        records = COMPUTED.get(str(table.compute))(table)
+    else:
+        records = aggregate(table, cells)
     text = render_markdown(table, budget, records, cells)
     out_dir = Path(out_dir)
     md = out_dir / f"{table.id}.md"
