@@ -148,3 +148,18 @@ def test_bottleneck_masked_entries_never_change():
 def test_bottleneck_layer_must_exist():
     with pytest.raises(ValueError, match="bottleneck_layer 'net.9'.*valid choices: net.1, net.3, net.5"):
         build("dfa", "algorithm.bottleneck_layer=net.9", "algorithm.bottleneck_neurons=2")
+
+
+def test_computed_memory_table_records_equal_the_accounting():
+    from bench.results.computed import feedback_memory_table
+
+    table = OmegaConf.create({
+        "metric": {"fields": {"naive_gb": "naive", "unified_gb": "unified", "points": "points"}},
+        "columns": {"micro": {}},
+        "rows": {"mlp": {"model": {"name": "mlp", "depth": 3, "width": 800}, "input_shape": [1, 28, 28],
+                         "error_size": 10, "paper": {"micro": {"unified_gb": 1.0}}}}})
+    records = {r["field"]: r for r in feedback_memory_table(table)}
+    assert records["naive_gb"]["measured_mean"] == 3 * 800 * 10 * 4 / 1e9
+    assert records["unified_gb"]["measured_mean"] == 800 * 10 * 4 / 1e9
+    assert records["points"]["measured_mean"] == 3
+    assert records["unified_gb"]["delta"] == 800 * 10 * 4 / 1e9 - 1.0 and records["naive_gb"]["paper"] is None
