@@ -85,8 +85,12 @@ def print_table(table, budget: str, cells, results: str, quiet: bool, console) -
     from bench.results.table import write_table
 
     md, text = write_table(table, budget, cells, out_dir=results)
-    console.print(Markdown(text) if not quiet else text)
-    console.print(f"wrote {md} and {md.with_suffix('.csv')}")
+    if quiet:  # plain print: rich would wrap lines at 80 columns and read [..] as markup
+        print(text)
+        print(f"wrote {md} and {md.with_suffix('.csv')}")
+    else:
+        console.print(Markdown(text))
+        console.print(f"wrote {md} and {md.with_suffix('.csv')}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -125,14 +129,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
         def report(cell):
             progress.advance(task)
-            progress.console.print(sw.cell_line(cell))
+            if quiet:
+                print(sw.cell_line(cell), flush=True)
+            else:
+                progress.console.print(sw.cell_line(cell), markup=False)
 
         sw.run_local(cells, parallel=args.parallel, retry_failed=args.retry_failed, overrides=args.overrides,
                      progress=report)
     print_table(table, budget, cells, args.results, quiet, console)
     failed = [c for c in cells if c.status == "failed"]
-    console.print(f"{len(cells)} cells in {time.perf_counter() - start:.0f} s"
-                  + (f"; {len(failed)} failed (rerun them with --retry-failed)" if failed else ""))
+    print(f"{len(cells)} cells in {time.perf_counter() - start:.0f} s"
+          + (f"; {len(failed)} failed (rerun them with --retry-failed)" if failed else ""))
     if failed:
         raise SystemExit(1)
 

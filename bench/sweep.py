@@ -215,6 +215,10 @@ def check_writable(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path} is not writable ({exc.strerror or exc}); pass another folder") from None
 
 
+# How the runner starts a run (a module attribute so a test can record or fake the launches).
+spawn = subprocess.Popen
+
+
 @dataclass
 class Worker:
     cell: Cell
@@ -303,7 +307,7 @@ def run_local(cells: list[Cell], parallel: int = 1, retry_failed: bool = False, 
                 log = run_dir / "run.log"
                 with open(log, "ab") as out:  # every attempt appends: a resumed run keeps its history
                     out.write(f"$ {' '.join(run_command(cell, threads, extra))}\n".encode())
-                    proc = subprocess.Popen(run_command(cell, threads, extra), stdout=out, stderr=subprocess.STDOUT,
+                    proc = spawn(run_command(cell, threads, extra), stdout=out, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
                 running.append(Worker(cell, proc, log, time.monotonic()))
             time.sleep(poll_s)
@@ -338,7 +342,7 @@ def cell_line(cell: Cell) -> str:
     line = f"{cell.label}: {cell.status}"
     if cell.status == "finished":
         line += f"  test err {cell.summary.get('final', {}).get('test/err1', float('nan')):.2f}%"
-    elif cell.reason:
-        line += f"  ({cell.reason})"
+    elif cell.reason or cell.summary.get("error"):  # a failed run found on disk has only its summary
+        line += f"  ({cell.reason or cell.summary['error']})"
     return line
 
