@@ -125,9 +125,10 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
     B is refreshed from W at the start of every :meth:`objective`, in place into the existing
     buffers, so it always matches the weights the backward runs with — also after a resume, a
     Const/E/I projection or a user's edit. Init uses |B_t| = |B_0|: ``B.copysign_(W)`` is the
-    whole update (one op per layer, no stored |B_0|). A weight at exactly 0 keeps a ±|B_0|
-    feedback where Eq. 4 gives 0; under SN ‖sign(W)‖₂ is taken as √numel, exact unless a weight
-    is exactly 0 (neither happens with continuous weights; E/I clips away from 0).
+    whole update (one op per layer, no stored |B_0|). sign(0) is taken as ±1 (the sign bit of
+    ±0.0), so a weight at exactly 0 keeps a ±|B_0| feedback where Eq. 4 gives 0, and under SN
+    ‖sign(W)‖₂ = √numel always (so ‖B‖₂ = ‖W‖₂ exactly). Exact zeros are rare (a few in
+    ResNet-18's 11M draws) and E/I clips weights away from 0.
     """
 
     def setup_rule(self) -> None:
@@ -142,18 +143,27 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
 
     @torch.no_grad()
     def refresh_feedback(self) -> None:
-        # Buffers are looked up each time: ``.to(device)`` replaces buffer tensors (not Parameters).
+        # One pass over each layer's W and B (plus one fused norm pass over W for SN): B is a
+        # copysign of a magnitude onto W — |B_0| (its own current magnitude) for Init, the
+        # layer's ‖W‖₂/√numel for SN, 1 for unit — written in place, no temporaries.
         weights, feedback = self.fb_weights, [layer.feedback for layer in self.layers.values()]
         if self.sign_scale == "init":
             for b, w in zip(feedback, weights):
                 b.copysign_(w)
-            return
-        torch._foreach_copy_(feedback, weights)
-        torch._foreach_sign_(feedback)
-        if self.sign_scale == "sn":
+        elif self.sign_scale == "sn":
             scales = torch._foreach_norm(weights)
             torch._foreach_mul_(scales, self.inv_sqrt_numel)
-            torch._foreach_mul_(feedback, scales)
+            for b, w, s in zip(feedback, weights, scales):
+                torch.copysign(s.to(b.dtype), w, out=b)
+        else:
+            for b, w in zip(feedback, weights):
+                torch.copysign(self._one(b), w, out=b)
+
+    def _one(self, like: torch.Tensor) -> torch.Tensor:
+        one = getattr(self, "_one_cache", None)
+        if one is None or one.device != like.device or one.dtype != like.dtype:
+            one = self._one_cache = torch.ones((), device=like.device, dtype=like.dtype)
+        return one
 
     def objective(self, x, y):
         self.refresh_feedback()
