@@ -144,6 +144,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from bench.report import report
+
+    md, pngs, _ = report(args.table, args.budget, output_root=args.output_root, results=args.results)
+    print(f"wrote {md}" + "".join(f"\n      {p}" for p in pngs))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from bench.report import compare_text, resolve
+
+    print(compare_text(resolve(args.a, args.budget, args.output_root), resolve(args.b, args.budget, args.output_root)))
+
+
 def cmd_perf(args: argparse.Namespace) -> None:
     from bench.perf import main as perf_main
 
@@ -195,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entity", default=None, help="W&B entity (--wandb)")
     p.add_argument("overrides", nargs="*", help="dotlist applied to every cell, e.g. trainer.accelerator=gpu")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="write results/<id>.md and its plots (results/plots/) from the run folders")
+    p.add_argument("table", metavar="TABLE")
+    p.add_argument("--budget", default="smoke", choices=budget_names())
+    p.add_argument("--output-root", default=None, help="run folders root (default: output.root)")
+    p.add_argument("--results", default="results", help="where the table and plots go")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="side-by-side metrics of two runs (run folders) or two tables (ids)")
+    p.add_argument("a", help="a run folder or a table id")
+    p.add_argument("b", help="a run folder or a table id")
+    p.add_argument("--budget", default="smoke", choices=budget_names(), help="budget of table ids")
+    p.add_argument("--output-root", default=None, help="run folders root of table ids")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("perf", help="update-time ratios against backprop, interleaved, in one process")
     p.add_argument("--out", default="results/perf/cpu.csv")
