@@ -98,6 +98,8 @@ class WeightOptions:
     # ------------------------------------------------------------------ hooks
     def on_after_backward(self) -> None:
         # After the DDP all-reduce (it completes inside backward), before the probe reads .grad.
+        # Under fp16 loss scaling the grads are still scaled here: sign(g) is then unscaled to
+        # ±1/scale, which Adam (scale-invariant up to its ε) does not notice; bf16/fp32 are exact.
         super().on_after_backward()
         if self.manhattan:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
