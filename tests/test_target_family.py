@@ -300,3 +300,13 @@ def test_error_synapses_are_optimizer_parameters_and_memory(small_cfg):
     assert module.error_synapse_floats() == 15 + 15 + 25
     with pytest.raises(ValueError, match="kappa"):
         build(small_cfg, "rlra", 2, "algorithm.kappa=[1.0]")
+    with pytest.raises(ValueError, match="valid choices: unit, gaussian"):
+        build(small_cfg, "rlra", 2, "algorithm.error_init=orthogonal")
+    # unit-Gaussian error synapses (the paper's ResNets): N(0, 1), whatever error_sigma says
+    unit = RecursiveLRA(small_cfg("algorithm.name=rlra", "model.width=64", "algorithm.error_init=unit"),
+                        create_model(small_cfg("model.width=64").model, (12,), 3), 3, (12,))
+    big = unit.error_synapses["2_to_1"]
+    assert big.shape == (64, 64) and 0.9 < float(big.std()) < 1.1
+    sigma = RecursiveLRA(small_cfg("algorithm.name=rlra", "model.width=64", "algorithm.error_sigma=0.05"),
+                         create_model(small_cfg("model.width=64").model, (12,), 3), 3, (12,))
+    assert 0.045 < float(sigma.error_synapses["2_to_1"].std()) < 0.055  # σ-Gaussian (the MLP protocol)

@@ -12,6 +12,10 @@ For an MLP z_ℓ = φ_ℓ(h_ℓ), h_ℓ = W_ℓ z_{ℓ-1} (ℓ = 1…L, z_0 = x,
     ΔE_{j→i} = −γ d_i e_jᵀ                                        (Eq. 6; lines 29, 31)
 
 and parameters move as θ ← θ − λΔθ through the configured optimizer (Adam in the paper).
+The forward pass is the zoo model's own: Algorithm 1's RUNMODEL also adds a residual z_{ℓ-g} to
+every g-th layer, which is a model choice, not the rule's (the rlra-1 MLPs are plain). With
+g = 1 every ℓ satisfies ℓ mod g = 0, so Algorithm 1 read literally wires every layer straight
+from the output (the appendix calls g = 1 "pair-wise"; that wiring is LRA-E below).
 Algorithm 1 indexes E by its source layer and writes ``d_{ℓ-1}`` for the synapse into ℓ−1; that
 is Eq. 6 with i = ℓ−1, which is what is implemented. ``error_update: state`` selects the
 appendix's alternative ΔE_{j→i} = γ z_i e_jᵀ ("proved useful for the MNIST/FMNIST
@@ -58,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.algorithms.base import RULES, AlgorithmModule
-from bench.feedback.init import feedback_tensor
+from bench.feedback.init import FEEDBACK_INITS, feedback_tensor
 
 NORMS = (nn.BatchNorm1d, nn.LayerNorm)
 
@@ -132,6 +136,8 @@ class RecursiveLRA(AlgorithmModule):
         self.source = {l: self.wire(l, L) for l in range(1, L)}
         sizes = {l: self.stages[l - 1].linear.out_features for l in range(1, L + 1)}
         init = str(a.error_init)
+        if init not in ("unit", *FEEDBACK_INITS):
+            raise ValueError(f"unknown algorithm.error_init {init!r}; valid choices: unit, {', '.join(FEEDBACK_INITS)}")
         sigma = 1.0 if init == "unit" else float(a.error_sigma)
         generator = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
         self.error_synapses = nn.ParameterDict({
