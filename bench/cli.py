@@ -157,6 +157,36 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(compare_text(resolve(args.a, args.budget, args.output_root), resolve(args.b, args.budget, args.output_root)))
 
 
+def cmd_submit(args: argparse.Namespace) -> None:
+    from bench import submit as sb
+    from bench.sweep import check_writable, plan
+
+    if (args.slurm is None) == (not args.local_executor):
+        _fail("submit: pass --slurm partition=… nodes=… gpus_per_node=…, or --local-executor", 2)
+    slurm = sb.parse_slurm(args.slurm) if args.slurm is not None else None
+    table, cells = plan(args.table, args.budget, output_root=args.output_root, overrides=args.overrides)
+    folder = Path(args.folder or Path(next(c.cfg.output.root for c in cells if c.cfg is not None)) / "submitit")
+    check_writable(folder, "submitit log folder")
+    executor = sb.make_executor(folder, slurm, f"bench-{table.id}")
+    jobs = sb.submit(cells, executor, slurm, overrides=args.overrides, retry_failed=args.retry_failed)
+    if not jobs:
+        print(f"{table.id} ({args.budget}): nothing to submit; every cell is finished, failed or unavailable")
+        return
+    print(f"submitted {len(jobs)} runs of {table.id} ({args.budget}): jobs {', '.join(j.job_id for j in jobs)}; "
+          f"logs in {folder}")
+    if args.wait:
+        failed = 0
+        for job in jobs:
+            try:
+                summary = job.result()
+                print(f"{job.job_id}: {summary.get('status')} {summary.get('run', '')}")
+            except Exception as exc:  # noqa: BLE001 - one failed job must not hide the others
+                failed += 1
+                print(f"{job.job_id}: failed ({str(exc).strip().splitlines()[-1]})")
+        if failed:
+            raise SystemExit(1)
+
+
 def cmd_perf(args: argparse.Namespace) -> None:
     from bench.perf import main as perf_main
 
@@ -222,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="smoke", choices=budget_names(), help="budget of table ids")
     p.add_argument("--output-root", default=None, help="run folders root of table ids")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("submit", help="submit a table's pending runs to SLURM through submitit (one array task per run)")
+    p.add_argument("table", metavar="TABLE")
+    p.add_argument("--slurm", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="partition=… nodes=… gpus_per_node=… [time_min= cpus_per_task= mem_gb= account= qos= "
+                        "constraint= array_parallelism=]")
+    p.add_argument("--local-executor", action="store_true", help="run the jobs here with submitit's LocalExecutor")
+    p.add_argument("--budget", default="full", choices=budget_names())
+    p.add_argument("--retry-failed", action="store_true", help="resubmit cells whose last run failed")
+    p.add_argument("--output-root", default=None, help="run folders root (default: output.root); must be shared")
+    p.add_argument("--folder", default=None, help="submitit logs (default: <output root>/submitit)")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and print their status")
+    p.add_argument("overrides", nargs="*", help="dotlist applied to every run (put it before --slurm)")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("perf", help="update-time ratios against backprop, interleaved, in one process")
     p.add_argument("--out", default="results/perf/cpu.csv")
