@@ -35,7 +35,7 @@ NULLABLE_TYPES = {"table": "", "row": "", "column": "", "budget": "", "variant":
 # a table run a different variant (and so a different run folder).
 NEUTRAL_PREFIXES = ("seed=", "output.", "probe.", "guard.", "trainer.threads=", "trainer.name=",
                     "trainer.accelerator=", "trainer.precision=")
-TABLE_KEYS = {"id", "title", "paper", "metric", "columns", "common", "rows", "budgets", "notes", "decisions", "compute"}
+TABLE_KEYS = {"id", "title", "paper", "metric", "columns", "common", "rows", "budgets", "notes", "decisions", "compute", "figure"}
 ROW_META_KEYS = {"paper", "budgets", "note", "cited"}  # row keys that are not config sections
 
 
@@ -72,6 +72,11 @@ def _load_yaml(path: Path) -> DictConfig:
 
 def table_ids() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "tables").glob("*.yaml"))
+
+
+def trained_table_ids() -> list[str]:
+    """Tables whose cells are runs (sweeps cover these); the rest are computed from the models."""
+    return [t for t in table_ids() if "compute" not in _load_yaml(CONFIG_DIR / "tables" / f"{t}.yaml")]
 
 
 def load_table(table_id: str) -> DictConfig:

@@ -30,7 +30,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig
 
-from bench.config import ConfigError, load_table, resolve_name, run_name, slug, table_budget, table_ids
+from bench.config import ConfigError, load_table, resolve_name, run_name, slug, table_budget, table_ids, trained_table_ids
 from bench.results.io import write_text
 from bench.results.table import DATA_UNAVAILABLE, Cell, expand, row_algorithm
 
@@ -103,7 +103,7 @@ def sweep_path(table_id: str, sweeps_dir: Path | None = None) -> Path:
 
 def write_sweeps(table_ids_: list[str] | None = None, sweeps_dir: Path | None = None) -> list[Path]:
     paths = []
-    for table_id in table_ids_ or table_ids():
+    for table_id in table_ids_ or trained_table_ids():  # computed tables have no runs to sweep
         path = sweep_path(table_id, sweeps_dir)
         write_text(path, render_sweep(sweep_spec(table_id)))
         paths.append(path)

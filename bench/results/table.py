@@ -240,6 +240,47 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
     return lines
 
 
+def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path: Path) -> Path:
+    """A paper figure whose points are table rows: x is a config value of each row (``figure.x``),
+    one panel per field in ``figure.series``, one line per column; error bars are the seed std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = table.figure
+    x_of = {}
+    for c in cells:
+        if c.cfg is not None:
+            x_of[c.row] = float(OmegaConf.select(c.cfg, str(spec.x)))
+    series = list(spec.series)
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
+    for ax, field in zip(axes[0], series):
+        for column in table.columns:
+            points = sorted((x_of[r["row"]], r["measured_mean"], r["measured_std"] or 0.0) for r in records
+                            if r["column"] == column and r["field"] == field and r["measured_mean"] is not None)
+            if points:
+                xs, ys, errs = zip(*points)
+                used = sorted({str(c.cfg.data.name) for c in cells if c.column == column and c.cfg is not None})
+                declared = OmegaConf.select(table.columns[column], "data.name", default=column)
+                label = column if used == [declared] else f"{column} (run on {', '.join(used)}: stand-in)"
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+        ax.set_xlabel(str(spec.get("x_label", spec.x)))
+        ax.set_ylabel(str(spec.get("labels", {}).get(field, field)))
+        if spec.get("log_x"):
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{table.id}: {spec.get('title', table.title)}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str | Path = "results") -> tuple[Path, str]:
     if table.get("compute"):  # computed from the models, nothing trained (bench/results/computed.py)
         from bench.results.computed import COMPUTED
@@ -249,6 +290,9 @@ def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str 
         records = aggregate(table, cells)
     text = render_markdown(table, budget, records, cells)
     out_dir = Path(out_dir)
+    if table.get("figure") and any(c.status == "finished" for c in cells):
+        png = plot_figure(table, records, cells, out_dir / "plots" / f"{table.id}.png")
+        text += f"\n![{table.id}](plots/{png.name})\n"
     md = out_dir / f"{table.id}.md"
     write_text(md, text)
     write_csv(out_dir / f"{table.id}.csv", [{"budget": budget, **r} for r in records])
