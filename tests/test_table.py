@@ -125,3 +125,28 @@ def test_table_renders_end_to_end(tmp_path, table_configs):
     trained.clear()
     run_cells(again, train_fn)
     assert trained == [("BP", "mnist")]
+
+
+def test_table_figure_has_one_line_per_column_and_the_measured_points(tmp_path):
+    """Figures whose points are table rows (dfa-fig4): x from each row's config, y the measured mean."""
+    import matplotlib.image
+
+    from bench.results.table import Cell, plot_figure
+
+    table = OmegaConf.create({
+        "id": "fig-test", "title": "t",
+        "figure": {"x": "algorithm.bottleneck_neurons", "series": ["test", "cos2"]},
+        "columns": {"a": {"data": {"name": "synthetic"}}, "b": {"data": {"name": "synthetic"}}},
+    })
+    cells, records = [], []
+    for n in (10, 100):
+        for col in ("a", "b"):
+            cells.append(Cell(str(n), col, 0, cfg=OmegaConf.create({"algorithm": {"bottleneck_neurons": n},
+                                                                      "data": {"name": "synthetic"}})))
+            for field, value in (("test", n / 10.0), ("cos2", n / 1000.0)):
+                records.append({"row": str(n), "column": col, "field": field, "measured_mean": value,
+                                "measured_std": 0.0})
+    path, lines = plot_figure(table, records, cells, tmp_path / "fig.png")
+    assert lines == [2, 2]  # two panels (series), one line per column in each
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 200 and image.std() > 0.01

@@ -240,9 +240,10 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
     return lines
 
 
-def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path: Path) -> Path:
+def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path: Path) -> tuple[Path, list[int]]:
     """A paper figure whose points are table rows: x is a config value of each row (``figure.x``),
-    one panel per field in ``figure.series``, one line per column; error bars are the seed std."""
+    one panel per field in ``figure.series``, one line per column; error bars are the seed std.
+    Returns the PNG's path and the number of lines drawn in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,6 +272,7 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
+    lines = [len(ax.containers) for ax in axes[0]]  # errorbar() adds one container per line
     fig.suptitle(f"{table.id}: {spec.get('title', table.title)}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +280,7 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
-    return path
+    return path, lines
 
 
 def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str | Path = "results") -> tuple[Path, str]:
@@ -291,7 +293,7 @@ def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str 
     text = render_markdown(table, budget, records, cells)
     out_dir = Path(out_dir)
     if table.get("figure") and any(c.status == "finished" for c in cells):
-        png = plot_figure(table, records, cells, out_dir / "plots" / f"{table.id}.png")
+        png, _ = plot_figure(table, records, cells, out_dir / "plots" / f"{table.id}.png")
         text += f"\n![{table.id}](plots/{png.name})\n"
     md = out_dir / f"{table.id}.md"
     write_text(md, text)
