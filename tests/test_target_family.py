@@ -220,7 +220,7 @@ def test_reprojection_at_norm_c_clips_every_update_tensor(small_cfg, elastic):
 def test_sign_mlp_loss_decreases_over_50_steps(small_cfg, tmp_path):
     """No φ′: a sign-activation MLP under rec-LRA lowers the loss over 50 steps (synthetic blobs)."""
     common = ["algorithm.name=rlra", "model.activation=sign", "model.depth=2", "model.width=32",
-              "data.n_train=800", "trainer.max_steps=50", "algorithm.lr=0.01"]
+              "data.n_train=832", "trainer.max_steps=50", "algorithm.lr=0.01"]
     start = train(small_cfg(*common, "algorithm.lr=0.0", f"output.root={tmp_path / 'frozen'}"))
     trained = train(small_cfg(*common, f"output.root={tmp_path / 'trained'}"))
     assert start["status"] == trained["status"] == "finished"
