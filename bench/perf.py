@@ -30,6 +30,10 @@ UPDATE_CASES = [
     ("mlp-3x800-tanh", ["model.name=mlp", "model.depth=3", "model.width=800", "model.activation=tanh"],
      [1, 28, 28], {"fa": 1.05, "dfa": 0.85, "usf_init": 1.05, "usf_sn": 1.05, "kp": 1.15}),
     ("sfa-mnist-cnn", ["model.name=sfa_mnist"], [1, 28, 28], {"fa": 1.05, "usf_init": 1.05, "usf_sn": 1.05, "kp": 1.15}),
+    ("dfa4-cnn", ["model.name=cnn", "model.channels=[32,64,64]", "model.kernel=5", "model.activation=tanh"],
+     [3, 32, 32], {"dfa": 1.0}),
+    ("rlra1-mlp-5x256", ["model.name=mlp", "model.depth=5", "model.width=256", "model.activation=tanh"],
+     [1, 28, 28], {"rlra": 1.0}),
 ]
 
 
