@@ -30,7 +30,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig
 
-from bench.config import ConfigError, load_table, resolve_name, run_name, slug, table_budget, table_ids, trained_table_ids
+from bench.config import ConfigError, load_table, resolve_name, run_name, slug, table_budget, trained_table_ids
 from bench.results.io import write_text
 from bench.results.table import DATA_UNAVAILABLE, Cell, expand, row_algorithm
 

@@ -6,6 +6,7 @@ folders under the test's ``tmp_path``. Tests pass only the overrides that matter
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -77,3 +78,16 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
 def _quiet_ci(monkeypatch):
     # In-process runs: no progress bar, no W&B, whatever the developer's shell says.
     monkeypatch.setenv("CI", "true")
+
+
+def fixed(*shape, scale=0.3, offset=0.0) -> torch.Tensor:
+    """A deterministic, non-symmetric tensor (no RNG involved): hand-computed tests use it."""
+    n = math.prod(shape)
+    return (torch.sin(torch.arange(n, dtype=torch.float32) * 1.7 + offset) * scale).reshape(shape)
+
+
+def angle(a, b) -> float:
+    """Independent angle in degrees (atan2 form, accurate near 0), to check the probe against."""
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    cross = torch.sqrt(torch.clamp(a.dot(a) * b.dot(b) - a.dot(b) ** 2, min=0.0))
+    return math.degrees(math.atan2(float(cross), float(a.dot(b))))

@@ -6,7 +6,6 @@ recorder writes; the other three are written by hand with known numbers."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

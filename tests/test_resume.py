@@ -3,9 +3,7 @@ with the same weights, optimizer state, metrics.csv and probe.csv as a run never
 a kill corrupts nothing; a run folder or checkpoint of another config is refused with one line."""
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -26,20 +26,7 @@ from bench.feedback.replaced import FeedbackLayer, convert_to_feedback
 from bench.models import create_model
 from bench.results.io import read_csv, read_json
 from bench.train import train
-from conftest import load_state, one_run_dir
-
-
-def fixed(*shape, scale=0.3, offset=0.0):
-    """A deterministic, non-symmetric tensor (no RNG involved)."""
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 1.7 + offset) * scale).reshape(shape)
-
-
-def angle(a, b) -> float:
-    """Independent angle in degrees (atan2 form, accurate near 0)."""
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    cross = torch.sqrt(torch.clamp(a.dot(a) * b.dot(b) - a.dot(b) ** 2, min=0.0))
-    return math.degrees(math.atan2(float(cross), float(a.dot(b))))
+from conftest import angle, fixed, load_state, one_run_dir
 
 
 # ----------------------------------------------------------------------------- 1. FA, by hand

@@ -19,7 +19,7 @@ from bench.feedback.replaced import FeedbackLayer
 from bench.models import create_model
 from bench.results.io import read_csv
 from bench.train import train
-from conftest import load_state, one_run_dir
+from conftest import angle, fixed, load_state, one_run_dir
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -32,17 +32,6 @@ def _one_thread():
 
 
 SFA_RULES = ["usf_init", "usf_sn", "ss", "bp_const", "bp_noise", "bp_align", "kp", "wm"]
-
-
-def fixed(*shape, scale=0.3, offset=0.0):
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 1.7 + offset) * scale).reshape(shape)
-
-
-def angle(a, b) -> float:
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    cross = torch.sqrt(torch.clamp(a.dot(a) * b.dot(b) - a.dot(b) ** 2, min=0.0))
-    return math.degrees(math.atan2(float(cross), float(a.dot(b))))
 
 
 def build(small_cfg, rule, *overrides, shape=(3,), classes=2, depth=1, width=4, model=None):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import bench.config as config
 import bench.sweep as sw
 from bench import cli
-from bench.config import compose, config_hash, parse_cli, run_name, table_ids
+from bench.config import compose, config_hash, parse_cli, run_name
 from bench.algorithms import RULES
 from bench.results.table import row_algorithm
 

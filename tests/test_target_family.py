@@ -5,7 +5,6 @@ and an error wiring written out per case, so they are independent of the code un
 """
 from __future__ import annotations
 
-import math
 import statistics
 from types import SimpleNamespace
 
@@ -18,22 +17,10 @@ from bench.callbacks.probe import AlignmentProbe
 from bench.models import create_model
 from bench.results.io import read_csv
 from bench.train import train
-from conftest import load_state, one_run_dir
+from conftest import angle, fixed, load_state, one_run_dir
 
 RULE_CLASSES = {"rlra": RecursiveLRA, "lra_e": LRAE}
 D_IN, WIDTH, CLASSES = 6, 5, 3
-
-
-def fixed(*shape, scale=0.3, offset=0.0):
-    """A deterministic, non-symmetric tensor (no RNG involved)."""
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 1.7 + offset) * scale).reshape(shape)
-
-
-def angle(a, b) -> float:
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    cross = torch.sqrt(torch.clamp(a.dot(a) * b.dot(b) - a.dot(b) ** 2, min=0.0))
-    return math.degrees(math.atan2(float(cross), float(a.dot(b))))
 
 
 def batch():

@@ -180,7 +180,7 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
     lines = [
         f"# {table.id}: {table.title}",
         "",
-        *([f"- **computed from the models with one dry forward, nothing trained**: exact at every budget"]
+        *(["- **computed from the models with one dry forward, nothing trained**: exact at every budget"]
           if table.get("compute") else [
             f"- **budget: `{budget}`**" + (" — a smoke run proves the pipeline, it is **not** a reproduction" if budget == "smoke" else ""),
             f"- epochs trained: {', '.join(map(str, epochs)) or '–'}; seeds per cell: up to {max([r['seeds'] for r in records] or [0])}"]),
@@ -256,10 +256,10 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
             x_of[c.row] = float(OmegaConf.select(c.cfg, str(spec.x)))
     series = list(spec.series)
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
-    for ax, field in zip(axes[0], series):
+    for ax, name in zip(axes[0], series):
         for column in table.columns:
             points = sorted((x_of[r["row"]], r["measured_mean"], r["measured_std"] or 0.0) for r in records
-                            if r["column"] == column and r["field"] == field and r["measured_mean"] is not None)
+                            if r["column"] == column and r["field"] == name and r["measured_mean"] is not None)
             if points:
                 xs, ys, errs = zip(*points)
                 used = sorted({str(c.cfg.data.name) for c in cells if c.column == column and c.cfg is not None})
@@ -267,7 +267,7 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
                 label = column if used == [declared] else f"{column} (run on {', '.join(used)}: stand-in)"
                 ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
         ax.set_xlabel(str(spec.get("x_label", spec.x)))
-        ax.set_ylabel(str(spec.get("labels", {}).get(field, field)))
+        ax.set_ylabel(str(spec.get("labels", {}).get(name, name)))
         if spec.get("log_x"):
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
