@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from bench.algorithms.base import RULES
 from bench.algorithms.feedback_alignment import FeedbackAlignment
+from bench.feedback.noise import SharedNoise
 
 
 class _LearnedFeedback(FeedbackAlignment):
@@ -93,18 +94,8 @@ class WeightMirrors(_LearnedFeedback):
         self.mirror_batch = int(a.get("mirror_batch", 64))
         self.mirror_rate = float(a.get("mirror_rate", 0.01))
         self.mirror_size = int(a.get("mirror_size", 4))
-        self.mirror_generator: torch.Generator | None = None
-        self._mirror_state: torch.Tensor | None = None
+        self.mirror_noise = SharedNoise(int(self.cfg.seed) + self.MIRROR_SEED_OFFSET)
         self._mirror_steps = 0
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self.mirror_generator is None or self.mirror_generator.device != device:
-            self.mirror_generator = torch.Generator(device=device)
-            self.mirror_generator.manual_seed(int(self.cfg.seed) + self.MIRROR_SEED_OFFSET)
-            if self._mirror_state is not None:
-                self.mirror_generator.set_state(self._mirror_state)
-                self._mirror_state = None
-        return self.mirror_generator
 
     @torch.no_grad()
     def mirror(self) -> None:
@@ -112,7 +103,7 @@ class WeightMirrors(_LearnedFeedback):
         n, m, alpha = self.mirror_batch, self.mirror_size, self.mirror_rate
         for layer in self.layers.values():
             w, b = layer.weight, layer.feedback
-            gen = self._generator(w.device)
+            gen = self.mirror_noise.generator(w.device)
             if w.ndim == 2:
                 x = torch.randn(n, w.shape[1], generator=gen, device=w.device, dtype=w.dtype)
                 estimate = F.linear(x, w).t().mm(x).div_(n)
@@ -134,11 +125,10 @@ class WeightMirrors(_LearnedFeedback):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["mirror"] = {"steps": self._mirror_steps,
-                                "generator": None if self.mirror_generator is None else self.mirror_generator.get_state()}
+                                "generator": self.mirror_noise.state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("mirror") or {}
         self._mirror_steps = int(state.get("steps", 0))
-        self._mirror_state = state.get("generator")
-        self.mirror_generator = None
+        self.mirror_noise.load(state.get("generator"))

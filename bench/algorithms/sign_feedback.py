@@ -34,6 +34,7 @@ from bench.algorithms.backprop import Backprop
 from bench.algorithms.base import RULES
 from bench.algorithms.feedback_alignment import FeedbackAlignment
 from bench.feedback.init import feedback_tensor
+from bench.feedback.noise import SharedNoise
 
 SIGN_SCALES = ("init", "sn", "unit")
 
@@ -204,24 +205,14 @@ class BackpropNoise(WeightOptions, Backprop):
     def setup_rule(self) -> None:
         super().setup_rule()
         self.noise_scale = float(self.cfg.algorithm.get("noise_scale", 1.0))
-        self.noise_generator: torch.Generator | None = None
-        self._noise_state: torch.Tensor | None = None
+        self.noise = SharedNoise(int(self.cfg.seed) + self.NOISE_SEED_OFFSET)
         self.setup_weight_options()
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self.noise_generator is None or self.noise_generator.device != device:
-            self.noise_generator = torch.Generator(device=device)
-            self.noise_generator.manual_seed(int(self.cfg.seed) + self.NOISE_SEED_OFFSET)
-            if self._noise_state is not None:
-                self.noise_generator.set_state(self._noise_state)
-                self._noise_state = None
-        return self.noise_generator
 
     @torch.no_grad()
     def on_after_backward(self) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads and self.noise_scale:
-            gen = self._generator(grads[0].device)
+            gen = self.noise.generator(grads[0].device)
             for g in grads:
                 std = g.float().var(correction=0).sqrt() if g.numel() > 1 else g.new_zeros((), dtype=torch.float32)
                 noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=torch.float32)
@@ -230,13 +221,12 @@ class BackpropNoise(WeightOptions, Backprop):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self.noise_generator is not None:
-            checkpoint["noise_generator"] = self.noise_generator.get_state()
+        if self.noise.state() is not None:
+            checkpoint["noise_generator"] = self.noise.state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._noise_state = checkpoint.get("noise_generator")
-        self.noise_generator = None
+        self.noise.load(checkpoint.get("noise_generator"))
 
 
 @RULES.register("bp_align")
