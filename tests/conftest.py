@@ -91,3 +91,9 @@ def angle(a, b) -> float:
     a, b = a.reshape(-1).double(), b.reshape(-1).double()
     cross = torch.sqrt(torch.clamp(a.dot(a) * b.dot(b) - a.dot(b) ** 2, min=0.0))
     return math.degrees(math.atan2(float(cross), float(a.dot(b))))
+
+
+def synth(num_classes: int) -> dict:
+    """A table column on a tiny synthetic dataset (sweep, report and table tests share it)."""
+    return {"data": {"name": "synthetic", "shape": [10], "num_classes": num_classes, "n_train": 160,
+                     "n_test": 40, "val_size": 32, "eval_batch_size": 64}}

@@ -20,16 +20,12 @@ from bench.report import report
 from bench.results.io import read_csv, write_csv, write_json
 from bench.results.table import expand
 from bench.train import train
+from conftest import synth
 
 TABLE_ID = "test-report"
 FAKE_LAYERS = ["net.1", "net.3", "net.5"]  # hand-written runs have three layers; the real one has two
 EPOCH_S = {("FA", "three"): [0.5, 0.7], ("BP", "four"): [0.25, 0.35], ("FA", "four"): [1.0, 1.2]}
 TEST_ERR = {("FA", "three"): 40.0, ("BP", "four"): 30.0, ("FA", "four"): 35.5}
-
-
-def synth(num_classes: int) -> dict:
-    return {"data": {"name": "synthetic", "shape": [10], "num_classes": num_classes, "n_train": 160,
-                     "n_test": 40, "val_size": 32, "eval_batch_size": 64}}
 
 
 @pytest.fixture

@@ -293,14 +293,7 @@ def measured_probe(small_cfg, rule):
     model = create_model(cfg.model, (6,), 3)
     module = RULE_CLASSES[rule](cfg, model, 3, (6,))
     x, y = dfa_batch()
-    module._probe_batch = (x, y)
-    module._probe_rng = (torch.get_rng_state(), None)
-    module.tap.clear()
-    module.tap.capture = True
-    surrogate, logits, loss = module.objective(x, y)
-    module.tap.capture = False
-    for h in module.tap.outputs:
-        h.retain_grad()
+    surrogate, logits, loss = module.probed_objective(x, y)
     surrogate.backward()
     rule_grads = {n: p.grad.clone() for n, p in module.model.named_parameters()}
     rule_signals = [h.grad.clone() for h in module.tap.outputs]

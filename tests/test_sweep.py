@@ -16,6 +16,7 @@ from bench import cli
 from bench.config import compose, config_hash, parse_cli, run_name
 from bench.algorithms import RULES
 from bench.results.table import row_algorithm
+from conftest import synth
 
 SWEEP_FILES = sorted(sw.SWEEPS_DIR.glob("*.yaml"))
 
@@ -108,11 +109,6 @@ def test_wandb_without_a_login_fails_with_one_line(tmp_path, monkeypatch, capsys
 # --------------------------------------------------------------------------- local runner
 
 TABLE_ID = "test-sweep"
-
-
-def synth(num_classes: int) -> dict:
-    return {"data": {"name": "synthetic", "shape": [10], "num_classes": num_classes, "n_train": 160,
-                     "n_test": 40, "val_size": 32, "eval_batch_size": 64}}
 
 
 @pytest.fixture

@@ -223,14 +223,7 @@ def test_sign_mlp_loss_decreases_over_50_steps(small_cfg, tmp_path):
 def test_probe_reports_update_and_signal_angles_for_rlra(small_cfg):
     module, linears = build(small_cfg, "rlra", 2, "probe.signals=true")
     x, y = batch()
-    module._probe_batch = (x, y)
-    module._probe_rng = (torch.get_rng_state(), None)
-    module.tap.clear()
-    module.tap.capture = True
-    surrogate, _, _ = module.objective(x, y)
-    module.tap.capture = False
-    for h in module.tap.outputs:
-        h.retain_grad()
+    surrogate, _, _ = module.probed_objective(x, y)
     surrogate.backward()
     rule_grads = {n: p.grad.clone() for n, p in module.model.named_parameters()}
     values = AlignmentProbe().measure(SimpleNamespace(world_size=1), module)

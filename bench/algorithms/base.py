@@ -180,19 +180,8 @@ class AlgorithmModule(L.LightningModule):
         x, y = batch
         opt = self.optimizers()
         self._probe_due = self.probe_due()
-        if self._probe_due:
-            # The probe replays this exact step (same batch, same dropout masks) in BP mode.
-            self._probe_batch = (x, y)
-            self._probe_rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if x.is_cuda else None)
-            if self.tap is not None and self.probe_signals:
-                self.tap.clear()
-                self.tap.capture = True
         opt.zero_grad(set_to_none=True)
-        surrogate, logits, loss = self.objective(x, y)
-        if self._probe_due and self.tap is not None and self.tap.capture:
-            self.tap.capture = False
-            for h in self.tap.outputs:
-                h.retain_grad()
+        surrogate, logits, loss = self.probed_objective(x, y) if self._probe_due else self.objective(x, y)
         if self.guard_every and batch_idx % self.guard_every == 0 and self._diverged(loss):
             return None
         self.manual_backward(surrogate)
@@ -205,6 +194,23 @@ class AlgorithmModule(L.LightningModule):
         self.after_step()
         self._queue_train(logits, y, loss)
         return None
+
+    def probed_objective(self, x: torch.Tensor, y: torch.Tensor):
+        """:meth:`objective` on a step the alignment probe will measure: remember the batch and RNG
+        state (the probe replays this exact step, dropout masks included, in BP mode) and keep the
+        teaching signal δh_i that the backward will leave on each feedback point."""
+        self._probe_batch = (x, y)
+        self._probe_rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if x.is_cuda else None)
+        capture = self.tap is not None and self.probe_signals
+        if capture:
+            self.tap.clear()
+            self.tap.capture = True
+        surrogate, logits, loss = self.objective(x, y)
+        if capture:
+            self.tap.capture = False
+            for h in self.tap.outputs:
+                h.retain_grad()
+        return surrogate, logits, loss
 
     def _diverged(self, loss: torch.Tensor) -> bool:
         """Divergence guard: a non-finite loss ends the run cleanly with status ``diverged``."""
