@@ -32,11 +32,10 @@ class _FALinearFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_out.dtype != feedback.dtype or x.dtype != feedback.dtype:
             return _fa_linear_backward_mixed(x, feedback, grad_out, need_x, need_w, need_b and ctx.has_bias)
+        x_shape = x.shape
         if grad_out.dim() != 2:  # (batch, tokens, features) → rows of features
             grad_out, x = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-            grad_x = grad_out.mm(feedback).view(*ctx.saved_tensors[0].shape) if need_x else None
-        else:
-            grad_x = grad_out.mm(feedback) if need_x else None
+        grad_x = grad_out.mm(feedback).view(x_shape) if need_x else None
         grad_w = grad_out.t().mm(x) if need_w else None
         grad_b = grad_out.sum(0) if (need_b and ctx.has_bias) else None
         return grad_x, grad_w, grad_b, None
