@@ -189,8 +189,12 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 def cmd_perf(args: argparse.Namespace) -> None:
     from bench.perf import main as perf_main
+    from bench.registry import UnknownChoice
 
-    perf_main(args)
+    try:
+        perf_main(args)
+    except UnknownChoice as exc:
+        _fail(str(exc), 2)
 
 
 def cmd_regress(args: argparse.Namespace) -> None:
@@ -271,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/perf/cpu.csv")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke check of the benchmark)")
+    p.add_argument("--only", default=None, help="run one benchmark: 'core' or a name in bench/benchmarks/")
     p.set_defaults(func=cmd_perf)
 
     p = sub.add_parser("regress", help="rerun the CI accuracy baselines and compare")

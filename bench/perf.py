@@ -172,29 +172,49 @@ def epoch_ratios(repeats: int, out_root: Path, limit_batches: int | None = None)
     return rows
 
 
-def main(args: argparse.Namespace) -> None:
-    import tempfile
-
+def _print(rows: list[dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("device", "repeats", "torch_threads")))
+    table = Table(title=title)
+    for col in cols:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+    Console().print(table)
+
+
+def main(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from bench.benchmarks import BENCHMARKS
     from bench.train import quiet_lightning
 
     quiet_lightning()
     repeats = 5 if args.quick else args.repeats
-    rows = update_ratios(repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows += epoch_ratios(2 if args.quick else 3, Path(tmp), limit_batches=200 if args.quick else None)
     device = device_name()
-    for r in rows:
-        r["device"], r["repeats"] = device, repeats
-        r["torch_threads"] = torch.get_num_threads()
-    write_csv(args.out, rows)
-    table = Table(title=f"perf ({device}); ratios are medians of per-repeat ratios")
-    for col in ("benchmark", "case", "rule", "median_ms", "optimizer_step_ms", "ratio_to_bp", "target", "meets_target"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in
-                        ("benchmark", "case", "rule", "median_ms", "optimizer_step_ms", "ratio_to_bp", "target", "meets_target")])
-    Console().print(table)
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    only = getattr(args, "only", None)
+    if only in (None, "core"):
+        rows = update_ratios(repeats)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += epoch_ratios(2 if args.quick else 3, Path(tmp), limit_batches=200 if args.quick else None)
+        for r in rows:
+            r["device"], r["repeats"] = device, repeats
+            r["torch_threads"] = torch.get_num_threads()
+        write_csv(out, rows)
+        _print(rows, f"perf ({device}); ratios are medians of per-repeat ratios")
+        print(f"wrote {out}")
+    if only is None:
+        names = BENCHMARKS.names()
+    else:
+        names = [] if only == "core" else [only]
+    for name in names:
+        rows = BENCHMARKS.get(name)(args)  # an unknown name is one line listing the valid ones
+        for r in rows:
+            r.setdefault("device", device)
+        path = out.with_name(f"{name}.csv")
+        write_csv(path, rows)
+        _print(rows, f"perf: {name} ({device})")
+        print(f"wrote {path}")
