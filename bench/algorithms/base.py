@@ -248,9 +248,14 @@ class AlgorithmModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ------------------------------------------------------------------ evaluation
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits a trained model answers with. Feed-forward rules use the zoo model's forward;
+        rules whose prediction is something else (an energy model's settled state) override it."""
+        return self.model(x)
+
     def _eval_step(self, split: str, batch) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self.predict(x)
         self._update_metrics(split, logits, y, self.loss_fn(logits, y))
 
     def validation_step(self, batch, batch_idx):
