@@ -48,7 +48,7 @@ class AlgorithmModule(L.LightningModule):
         self._probe_due = False
         self.probe_seconds = 0.0  # written by the alignment probe, read by the epoch timer
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
-        self.metrics = nn.ModuleDict({f"{s}_m": self._split_metrics() for s in ("val", "test", "train_eval")})
+        self.metrics = nn.ModuleDict({f"{s}_m": self._split_metrics(s) for s in ("val", "test", "train_eval")})
         self.register_buffer("_train_sums", torch.zeros(4), persistent=False)  # loss·n, top-1 hits, top-5 hits, n
         self._pending: list = []
         self._pending_elements = 0
@@ -83,11 +83,13 @@ class AlgorithmModule(L.LightningModule):
         return {}
 
     # ------------------------------------------------------------------ metrics
-    def _split_metrics(self) -> nn.ModuleDict:
+    def _split_metrics(self, split: str) -> nn.ModuleDict:
         metrics = {"loss": torchmetrics.MeanMetric(),
                    "acc1": torchmetrics.classification.MulticlassAccuracy(self.num_classes, top_k=1, average="micro", validate_args=False)}
         if self.num_classes > 5:
             metrics["acc5"] = torchmetrics.classification.MulticlassAccuracy(self.num_classes, top_k=5, average="micro", validate_args=False)
+        if split == "test":  # rlra Table 5 (middle): precision, recall and F1 from the test confusion matrix
+            metrics["confmat"] = torchmetrics.classification.MulticlassConfusionMatrix(self.num_classes, validate_args=False)
         return nn.ModuleDict(metrics)
 
     def _update_metrics(self, split: str, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
@@ -97,6 +99,8 @@ class AlgorithmModule(L.LightningModule):
         m["acc1"].update(flat_logits, flat_y)
         if "acc5" in m:
             m["acc5"].update(flat_logits, flat_y)
+        if "confmat" in m:
+            m["confmat"].update(flat_logits.argmax(-1), flat_y)
 
     # Running train metrics are plain on-device sums rather than torchmetrics: an update costs
     # ~15 small kernels, about the forward pass of a small MLP, on every step. Batches are
@@ -139,6 +143,8 @@ class AlgorithmModule(L.LightningModule):
         values = {f"{prefix}/loss": m["loss"].compute(), f"{prefix}/err1": 100.0 * (1.0 - m["acc1"].compute())}
         if "acc5" in m:
             values[f"{prefix}/err5"] = 100.0 * (1.0 - m["acc5"].compute())
+        if "confmat" in m:
+            values.update({f"{prefix}/{k}": v for k, v in macro_scores(m["confmat"].compute()).items()})
         for metric in m.values():
             metric.reset()
         # torchmetrics already synchronised across ranks in compute()
@@ -276,6 +282,21 @@ class AlgorithmModule(L.LightningModule):
         self._log_split("test")
         if self.metrics["train_eval_m"]["acc1"].update_count:
             self._log_split("train_eval", "final_train")
+
+
+def macro_scores(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Macro-averaged precision, recall and F1 in % from a confusion matrix (rows: true class,
+    columns: predicted), as rlra Table 5 (middle) reports them. Classes that never occur and are
+    never predicted are left out of the average; a class with no predictions has precision 0."""
+    cm = confmat.double()
+    tp, predicted, actual = cm.diagonal(), cm.sum(0), cm.sum(1)
+    present = (predicted + actual) > 0
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                     torch.zeros_like(tp))
+    return {name: 100.0 * v[present].mean().float() for name, v in
+            (("precision", precision), ("recall", recall), ("f1", f1))}
 
 
 @torch.no_grad()
