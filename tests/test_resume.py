@@ -18,7 +18,7 @@ from bench import cli
 from bench.config import compose
 from bench.results.io import read_csv
 from bench.train import train
-from tests.conftest import REPO, cli_env, one_run_dir
+from conftest import REPO, cli_env, one_run_dir
 
 EPOCHS = 4
 # Everything whose state a resume must restore: dropout (torch RNG), FA feedback buffers, a

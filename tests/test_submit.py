@@ -13,7 +13,7 @@ from bench import cli
 from bench import submit as sb
 from bench.results.table import expand
 from bench.sweep import SWEEPS_DIR
-from tests.test_sweep import TABLE_ID, sweep_configs  # noqa: F401 - the fixture
+from test_sweep import TABLE_ID, sweep_configs  # noqa: F401 - the fixture
 
 TEMPLATE = SWEEPS_DIR / "slurm" / "template.sbatch"
 
