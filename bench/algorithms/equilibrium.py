@@ -1,0 +1,239 @@
+"""Equilibrium propagation (EP) — Scellier & Bengio, *Equilibrium propagation: bridging the gap
+between energy-based models and backpropagation*, Frontiers in Computational Neuroscience 11:24
+(2017); the E-Prop row of rlra Table 1.
+
+The zoo MLP is read as a layered continuous Hopfield network: units s = (s_1 … s_L) (hidden
+layers, then the output layer s_L), the input s_0 = x clamped, and layer ℓ's ``nn.Linear``
+(W_ℓ, b_ℓ) is the symmetric coupling between layers ℓ−1 and ℓ plus layer ℓ's bias. Its energy
+(paper Eq. 1, restricted to the layered graph) and cost are
+
+    E(s)   = ½ Σ_{ℓ≥1} ‖s_ℓ‖² − Σ_{ℓ≥1} ρ(s_ℓ)ᵀ W_ℓ ρ(s_{ℓ−1}) − Σ_{ℓ≥1} b_ℓᵀ ρ(s_ℓ),   ρ(s) = clip(s, 0, 1)
+    C(s)   = ½ ‖s_L − y‖²                        (y one-hot)
+    F(s)   = E(s) + β C(s)                        (total energy, Eq. 5)
+
+with the hard sigmoid ρ of the paper (§5). One training step:
+
+1. free phase: s ← clip(s − ε ∂E/∂s, 0, 1), ``n_free`` times from s = 0 → the free fixed
+   point s⁰ (the prediction is argmax s⁰_L);
+2. nudged ("weakly clamped") phase: s ← clip(s − ε ∂F/∂s, 0, 1), ``n_nudged`` times from s⁰
+   → s^β;
+3. update (Eq. 8–10):  ΔW_ℓ ∝ (1/β) (ρ(s^β_ℓ) ρ(s^β_{ℓ−1})ᵀ − ρ(s⁰_ℓ) ρ(s⁰_{ℓ−1})ᵀ),
+   Δb_ℓ ∝ (1/β) (ρ(s^β_ℓ) − ρ(s⁰_ℓ)).
+
+Theorem 1 of the paper: as β → 0 this is −∂/∂θ C(s⁰(θ)), the gradient of the cost at the free
+fixed point. The states are projected onto [0, 1] after each step (the authors' code:
+``T.clip(layer + epsilon*dot, 0, 1)``), so ρ(s) = s on every state and the step is
+s_ℓ ← clip((1 − ε) s_ℓ + ε (W_ℓ s_{ℓ−1} + b_ℓ + W_{ℓ+1}ᵀ s_{ℓ+1}) [+ εβ (y − s_L) at the output]),
+i.e. ∂E/∂s_ℓ in closed form with ρ′ = 1 on the closed box (Theano's ``clip`` derivative at the
+bounds, see :func:`rho`). All layers update synchronously from the previous state,
+vectorised over the batch; the input's term W_1 ρ(x) + b_1 is computed once per phase.
+:meth:`state_grad` gives ∂F/∂s by ``torch.func.grad`` of the energy, for checks and diagnostics.
+A fixed point is a stationary point of the box-constrained problem: s = clip(s − ∂F/∂s, 0, 1)
+(∂F/∂s = 0 on unsaturated units only).
+
+Option (``random_sign``): the sign of β is drawn at random (±1, equal odds) every step, as in the
+authors' training script (``sign = 2*np.random.randint(0,2)-1``), which the paper reports helps
+(it cancels the O(β) bias of the estimate on average).
+
+How the update reaches ``.grad`` (DESIGN.md): the surrogate is the paper's own expression,
+
+    S = (1/β) · mean_batch [ E_θ(stopgrad s^β) − E_θ(stopgrad s⁰) ],
+
+whose gradient with respect to (W_ℓ, b_ℓ) is exactly −ΔW_ℓ/… above, batch-averaged like every
+rule's loss (so DDP's mean over ranks is the mean over the global batch), and the configured
+optimizer steps it (Adam in rlra-1; the paper uses plain SGD with per-layer rates).
+
+Model mapping: the zoo MLP supplies the Linear layers only. Its activation modules are *not*
+used (every EP unit uses ρ = hard sigmoid), so ``model.activation`` does not affect this rule;
+batch norm and dropout have no place in the energy and are refused (:class:`ConfigError`), as
+is any model that is not a plain ``Flatten → [Linear → φ]* → Linear`` MLP. The input enters as
+ρ(x): pixels in [0, 1] (``data.normalize: none``, rlra-1's protocol) pass unchanged.
+
+Evaluation: :meth:`predict` runs the free phase; the metrics' "logits" are the settled output
+states s⁰_L, and :meth:`loss_fn` is the cost C (batch mean), the quantity EP descends.
+
+What "BP gradient" means for EP (alignment probe): the true gradient of the reported loss, i.e.
+∂C(s⁰_L)/∂θ where s⁰ is produced by the same ``n_free`` projected steps from s = 0 —
+backpropagation through time through the free phase (recurrent backprop; Ernoult et al. 2019
+show EP's updates match it). :meth:`true_gradient` swaps the model's forward for that
+differentiable settle, so the probe's ``model(x)`` + ``loss_fn`` + autograd give it on the same
+weights. Update angles and norm ratios are reported for every W_ℓ; there are no teaching-signal
+angles (no feed-forward point activations exist in a settled network).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.algorithms.base import RULES, AlgorithmModule
+from bench.config import ConfigError
+
+
+def rho(s: torch.Tensor) -> torch.Tensor:
+    """Hard sigmoid ρ(s) = 0 ∨ s ∧ 1 (paper §5), with ρ′ = 1 on the *closed* box [0, 1].
+
+    That is Theano's ``clip`` derivative, which the authors' code relies on: with torch's
+    ``clamp`` (ρ′ = 0 at 0 and 1) a unit resting at 0 would feel no drive and never leave it.
+    """
+    return torch.where((s >= 0) & (s <= 1), s, torch.clamp(s, 0.0, 1.0))
+
+
+def parse_linears(model: nn.Module, model_name: str) -> tuple[list[nn.Module], list[nn.Linear]]:
+    """The zoo MLP's input modules (Flatten) and its Linear layers W_1 … W_L; refuse anything else."""
+    net = getattr(model, "net", None)
+    if not isinstance(net, nn.Sequential):
+        raise ConfigError(f"algorithm eprop: model {model_name!r} is not supported; equilibrium propagation "
+                          f"runs on a layered energy built from the zoo's mlp (model.name=mlp)")
+    pre, linears = [], []
+    for m in net:
+        if isinstance(m, nn.Linear):
+            linears.append(m)
+        elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm, nn.Dropout)):
+            raise ConfigError(f"algorithm eprop: the Hopfield energy has no place for {type(m).__name__}; "
+                              f"use model.batchnorm=false, model.dropout=0.0 and model.input_dropout=0.0")
+        elif isinstance(m, (nn.Flatten, nn.Unflatten)) and not linears:
+            pre.append(m)
+        elif not linears:
+            raise ConfigError(f"algorithm eprop: model {model_name!r} has a {type(m).__name__} before its first "
+                              f"Linear; only the zoo's plain mlp is supported")
+        # anything else between Linears is the MLP's φ module: EP's units use ρ instead
+    if not linears:
+        raise ConfigError(f"algorithm eprop: model {model_name!r} has no Linear layers")
+    return pre, linears
+
+
+@RULES.register("eprop")
+class EquilibriumPropagation(AlgorithmModule):
+    """Equilibrium propagation on the zoo MLP read as a layered Hopfield energy (module docstring)."""
+
+    def setup_rule(self) -> None:
+        a = self.cfg.algorithm
+        self.pre, self.linears = parse_linears(self.model, str(self.cfg.model.name))
+        self.beta, self.epsilon = float(a.beta), float(a.epsilon)
+        self.n_free, self.n_nudged = int(a.n_free), int(a.n_nudged)
+        self.random_sign = bool(a.random_sign)
+        if self.beta == 0.0:
+            raise ConfigError("algorithm.beta: must be nonzero (the update divides by β), got 0")
+        if not 0.0 < self.epsilon <= 1.0:
+            raise ConfigError(f"algorithm.epsilon: the step size must lie in (0, 1], got {self.epsilon}")
+        if self.n_free < 1 or self.n_nudged < 1:
+            raise ConfigError(f"algorithm.n_free and algorithm.n_nudged must be ≥ 1, got {self.n_free} and {self.n_nudged}")
+
+    # ------------------------------------------------------------------ energy model
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.pre:
+            x = m(x)
+        return x
+
+    def zero_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.new_zeros(x.shape[0], lin.out_features) for lin in self.linears]
+
+    def energy(self, x: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+        """E(s) per sample (shape B), through the model's own Linear modules (so it carries a graph
+        to W_ℓ, b_ℓ when they require grad): ½Σ‖s_ℓ‖² − Σ ρ(s_ℓ)ᵀ(W_ℓ ρ(s_{ℓ−1}) + b_ℓ)."""
+        below = rho(x)
+        total = x.new_zeros(x.shape[0])
+        for lin, s in zip(self.linears, states):
+            r = rho(s)
+            total = total + 0.5 * (s * s).sum(-1) - (r * lin(below)).sum(-1)
+            below = r
+        return total
+
+    def cost(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """C = ½‖s_L − y‖² per sample, y one-hot."""
+        return 0.5 * (out - F.one_hot(y, out.shape[-1]).to(out.dtype)).pow(2).sum(-1)
+
+    def state_grad(self, x: torch.Tensor, states: list[torch.Tensor], beta: float = 0.0,
+                   y: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """∂F/∂s (F = E + βC) per sample, by ``torch.func.grad`` of the summed energy."""
+        def total(ss):
+            value = self.energy(x, ss)
+            if beta:
+                value = value + beta * self.cost(ss[-1], y)
+            return value.sum()
+
+        return [g.detach() for g in torch.func.grad(total)([s.detach() for s in states])]
+
+    def settle(self, x: torch.Tensor, states: list[torch.Tensor], steps: int, beta: float = 0.0,
+               target: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``steps`` projected gradient steps s ← clip(s − ε ∂F/∂s, 0, 1), all layers at once.
+
+        Differentiable in W, b and x when autograd records (the probe's BPTT); under no_grad it
+        is the plain relaxation. ∂E/∂s_ℓ = s_ℓ − (W_ℓ s_{ℓ−1} + b_ℓ + W_{ℓ+1}ᵀ s_{ℓ+1}) on the
+        box (ρ(s) = s, ρ′ = 1), and β∂C/∂s_L = β (s_L − y).
+        """
+        eps, L = self.epsilon, len(self.linears)
+        weights = [lin.weight for lin in self.linears]
+        # The clamped input's drive on layer 1 does not change during a phase.
+        bottom = self.linears[0](rho(x))
+        s = list(states)
+        for _ in range(steps):
+            drives = []
+            for l in range(L):
+                d = bottom if l == 0 else self.linears[l](s[l - 1])
+                if l + 1 < L:
+                    d = d + s[l + 1] @ weights[l + 1]
+                drives.append(d)
+            if beta:
+                drives[-1] = drives[-1] + beta * (target - s[-1])
+            s = [torch.clamp(torch.lerp(sl, d, eps), 0.0, 1.0) for sl, d in zip(s, drives)]
+        return s
+
+    def free_phase(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.settle(x, self.zero_states(x), self.n_free)
+
+    # ------------------------------------------------------------------ one step
+    def ep_beta(self, device: torch.device) -> float:
+        """β for this step: ±β with equal odds under ``random_sign`` (one draw from the global RNG,
+        identical on every DDP rank since ranks share the seed and the draw count)."""
+        if not self.random_sign:
+            return self.beta
+        return self.beta if bool(torch.randint(0, 2, ()).item()) else -self.beta
+
+    def phases(self, x: torch.Tensor, y: torch.Tensor, beta: float):
+        """(s⁰, s^β): the free fixed point and the nudged one reached from it (no graph)."""
+        with torch.no_grad():
+            free = self.free_phase(x)
+            target = F.one_hot(y, free[-1].shape[-1]).to(free[-1].dtype)
+            nudged = self.settle(x, free, self.n_nudged, beta, target)
+        return free, nudged
+
+    def objective(self, x, y):
+        x = self.flatten(x)
+        beta = self.ep_beta(x.device)
+        free, nudged = self.phases(x, y, beta)
+        # ∂S/∂θ = (1/β)(∂E/∂θ(s^β) − ∂E/∂θ(s⁰)) = −(1/β)(ρ(s^β_ℓ)ρ(s^β_{ℓ−1})ᵀ − ρ(s⁰_ℓ)ρ(s⁰_{ℓ−1})ᵀ)
+        surrogate = (self.energy(x, nudged) - self.energy(x, free)).mean() / beta
+        logits = free[-1]
+        # The loss does not enter the surrogate: it is returned for metrics and the divergence guard.
+        return surrogate, logits, self.loss_fn(logits, y)
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The cost C = ½‖s_L − y‖² averaged over the batch (the paper's objective, not CE)."""
+        return self.cost(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).mean()
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The free phase's settled output states s⁰_L (the paper classifies by their argmax)."""
+        x = self.flatten(x)
+        with torch.no_grad():
+            return self.free_phase(x)[-1]
+
+    def _settled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The free phase with autograd recording: ``model(x)`` inside :meth:`true_gradient`."""
+        x = self.flatten(x)
+        with torch.enable_grad():
+            return self.free_phase(x)[-1]
+
+    @contextmanager
+    def true_gradient(self):
+        # The reference gradient is ∂C(s⁰_L)/∂θ by BPTT through the free phase: the model's
+        # forward becomes that settle while the probe measures (an instance attribute shadows
+        # the class's forward; deleting it restores the feed-forward MLP).
+        self.model.forward = self._settled_forward
+        try:
+            yield
+        finally:
+            del self.model.forward
