@@ -42,6 +42,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def batch_mean_std(trainer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) std of per-sample values over the global batch: under DDP each rank
+    holds its slice, so the moments are summed over ranks, and 2 ranks at batch b report what
+    one process at batch 2b does."""
+    if trainer.world_size == 1:
+        return x.mean(), (x.std() if x.numel() > 1 else x.new_zeros(()))
+    x = x.double()
+    n, s, sq = trainer.strategy.reduce(torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()]),
+                                       reduce_op="sum")
+    mean = s / n
+    var = (sq - n * mean * mean) / (n - 1) if n > 1 else x.new_zeros(())
+    return mean, var.clamp_min(0.0).sqrt()
+
+
 class AlignmentProbe(Callback):
     def __init__(self):
         self.records: list[dict] = []
@@ -117,12 +131,10 @@ class AlignmentProbe(Callback):
             if s_rule is None or s_bp is None:
                 continue
             angles = per_sample_angles_deg(s_rule, s_bp)
-            values[f"align/signal/{point}"] = angles.mean()
-            values[f"align/signal_std/{point}"] = angles.std() if angles.numel() > 1 else angles.new_zeros(())
+            values[f"align/signal/{point}"], values[f"align/signal_std/{point}"] = batch_mean_std(trainer, angles)
             # Launay et al. report the cosine itself (Tables 2 and 4): mean and std over the batch
             cosines = torch.cos(torch.deg2rad(angles))
-            values[f"align/signal_cos/{point}"] = cosines.mean()
-            values[f"align/signal_cos_std/{point}"] = cosines.std() if cosines.numel() > 1 else cosines.new_zeros(())
+            values[f"align/signal_cos/{point}"], values[f"align/signal_cos_std/{point}"] = batch_mean_std(trainer, cosines)
         for layer, (w, b) in pl_module.feedback_weight_pairs().items():
             values[f"align/wb/{layer}"] = angle_deg(w.detach(), b)
         if not values:
