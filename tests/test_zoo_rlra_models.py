@@ -1,0 +1,130 @@
+"""The rlra zoo: pseudo-convolution and pResNet-18, the locally-connected layer and network, and
+the CIFAR-10 GCN + ZCA preprocessing (rlra §3.3, §4 and appendix). Numbers by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.models import MODELS
+from bench.models.pseudo_conv import PseudoConv2d
+
+# ---------------------------------------------------------------------------- pseudo-convolution
+
+
+def hand_layer(in_channels: int, fanout: int, noise: list, weight: list, bias: float) -> PseudoConv2d:
+    layer = PseudoConv2d(in_channels, 1, (2, 2), fanout=fanout)
+    with torch.no_grad():
+        layer.noise.copy_(torch.tensor(noise))
+        layer.combine.weight.copy_(torch.tensor(weight).view(1, -1, 1, 1))
+        layer.combine.bias.fill_(bias)
+    return layer
+
+
+def test_pseudo_conv_equals_the_formula_on_a_one_channel_example():
+    """z = Σ_m w^m relu(x + n^m) + b, one input map perturbed by M = 2 masks (fanout 2)."""
+    x = torch.tensor([[1.0, -2.0], [0.5, 3.0]]).view(1, 1, 2, 2)
+    n1, n2 = [[-0.5, 1.0], [-1.0, 0.0]], [[0.25, 3.0], [0.0, -4.0]]
+    layer = hand_layer(1, 2, [n1, n2], [2.0, -1.0], 0.5)
+    # x + n1 = [[0.5, -1], [-0.5, 3]] → relu [[0.5, 0], [0, 3]]
+    # x + n2 = [[1.25, 1], [0.5, -1]] → relu [[1.25, 1], [0.5, 0]]
+    # 2·first − second + 0.5
+    expected = torch.tensor([[0.25, -0.5], [0.0, 6.5]]).view(1, 1, 2, 2)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.perturbed(x), torch.tensor([[[0.5, 0.0], [0.0, 3.0]],
+                                                                 [[1.25, 1.0], [0.5, 0.0]]]).view(1, 2, 2, 2))
+    assert layer.masks == 2 and layer.weight.shape == (1, 2)
+
+
+def test_pseudo_conv_pairs_input_map_m_with_noise_map_m():
+    """fanout 1: z = Σ_m w^m relu(x^m + n^m) + b with one mask per input map."""
+    x = torch.tensor([[[1.0, -1.0], [2.0, 0.0]], [[0.0, 1.0], [-3.0, 1.0]]]).unsqueeze(0)
+    layer = hand_layer(2, 1, [[[0.0, 2.0], [-3.0, 1.0]], [[1.0, -2.0], [4.0, -1.0]]], [1.0, 3.0], -1.0)
+    # relu(x1 + n1) = [[1, 1], [0, 1]];  relu(x2 + n2) = [[1, 0], [1, 0]]
+    expected = torch.tensor([[1 + 3 - 1, 1 + 0 - 1], [0 + 3 - 1, 1 + 0 - 1]]).view(1, 1, 2, 2).float()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+
+
+def test_pseudo_conv_noise_is_gaussian_at_its_level_and_checks_the_input_shape():
+    torch.manual_seed(0)
+    layer = PseudoConv2d(8, 4, (16, 16), fanout=2, level=0.1)
+    assert layer.noise.shape == (16, 16, 16)
+    assert abs(layer.noise.std().item() - 0.1) < 0.005 and abs(layer.noise.mean().item()) < 0.005
+    assert [n for n, _ in layer.named_parameters()] == ["combine.weight", "combine.bias"]
+    assert "noise" in layer.state_dict()
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 8, 16, 16\)"):
+        layer(torch.zeros(1, 8, 8, 8))
+
+
+def test_pseudo_conv_local_update_is_the_papers_delta_w():
+    """Δw^{c,m} = Σ_{b,i,j} e[b,c,i,j] relu(x^m + n^m)[b,i,j] — the gradient of ⟨e, z⟩."""
+    x = torch.tensor([[1.0, -2.0], [0.5, 3.0]]).view(1, 1, 2, 2)
+    layer = hand_layer(1, 2, [[[-0.5, 1.0], [-1.0, 0.0]], [[0.25, 3.0], [0.0, -4.0]]], [2.0, -1.0], 0.5)
+    e = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]).view(1, 1, 2, 2)
+    delta = PseudoConv2d.local_update(e, layer.perturbed(x))
+    # Σ e·[[0.5, 0], [0, 3]] = 0.5 + 1.5 = 2;  Σ e·[[1.25, 1], [0.5, 0]] = 1.25 + 2 − 0.5 = 2.75
+    torch.testing.assert_close(delta, torch.tensor([2.0, 2.75]).view(1, 2, 1, 1))
+    torch.manual_seed(1)
+    big = PseudoConv2d(3, 5, (4, 4), fanout=2)
+    xb, eb = torch.randn(6, 3, 4, 4), torch.randn(6, 5, 4, 4)
+    (grad,) = torch.autograd.grad((big(xb) * eb).sum(), big.combine.weight)
+    torch.testing.assert_close(PseudoConv2d.local_update(eb, big.perturbed(xb)), grad, rtol=1e-5, atol=1e-5)
+
+
+def test_under_bp_only_the_combination_weights_learn_and_the_masks_never_change():
+    torch.manual_seed(0)
+    layer = PseudoConv2d(2, 3, (4, 4), fanout=2)
+    noise = layer.noise.clone()
+    weight = layer.combine.weight.detach().clone()
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+    x = torch.randn(5, 2, 4, 4)
+    loss = layer(x).square().mean()
+    loss.backward()
+    assert not layer.noise.requires_grad and layer.noise.grad is None
+    assert {n for n, p in layer.named_parameters() if p.grad is not None} == {"combine.weight", "combine.bias"}
+    opt.step()
+    torch.testing.assert_close(layer.noise, noise, rtol=0, atol=0)
+    assert (layer.combine.weight - weight).abs().amax() > 1e-3
+
+
+# ---------------------------------------------------------------------------- pResNet-18
+
+
+@pytest.mark.parametrize("masks", [64, 160, 256])
+def test_presnet18_forward_and_one_bp_step(masks):
+    torch.manual_seed(0)
+    model = MODELS.get("presnet18")(input_shape=(3, 32, 32), num_classes=10, masks=masks)
+    convs = model.pseudo_convs()
+    assert len(convs) == 16
+    modules = dict(model.named_modules())
+    first, last = modules[convs[0]], modules[convs[-1]]
+    assert first.masks == masks and first.noise.shape == (masks, 32, 32)
+    assert last.masks == 8 * masks and last.noise.shape == (8 * masks, 4, 4)
+    noise = {n: b.clone() for n, b in model.named_buffers() if n.endswith("noise")}
+    assert len(noise) == 16
+    assert not any(n.endswith("noise") for n, _ in model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    logits = model(x)
+    assert logits.shape == (2, 10)
+    loss = F.cross_entropy(logits, y)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(modules[c].combine.weight.grad is not None for c in convs)
+    opt.step()
+    assert all(torch.equal(b, noise[n]) for n, b in model.named_buffers() if n in noise)
+    assert torch.isfinite(F.cross_entropy(model(x), y))
+
+
+def test_presnet18_points_are_timm_resnet18s():
+    torch.manual_seed(0)
+    model = MODELS.get("presnet18")(input_shape=(3, 32, 32), num_classes=10, widths=[4, 8, 8, 16])
+    reference = MODELS.get("timm:resnet18")(input_shape=(3, 32, 32), num_classes=10, cifar_stem=True)
+    for g in ("micro", "macro"):
+        assert model.feedback_points(g) == reference.feedback_points(g)
+    modules = dict(model.named_modules())
+    assert modules["net.layer2.0.conv1"].noise.shape == (4, 32, 32)  # before the block's 2×2 pool
+    assert modules["net.layer2.0.conv2"].noise.shape == (8, 16, 16)
+    assert modules["net.layer4.1.conv2"].noise.shape == (16, 4, 4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
