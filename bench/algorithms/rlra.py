@@ -1,56 +1,99 @@
 """Local representation alignment: recursive LRA (rec-LRA) and pairwise LRA-E.
 
 rec-LRA — Ororbia, Mali, Kifer & Giles, *Large-scale gradient-free deep learning with recursive
-local representation alignment* (file 000 in the papers folder), §3.2 and appendix Algorithm 1.
-For an MLP z_ℓ = φ_ℓ(h_ℓ), h_ℓ = W_ℓ z_{ℓ-1} (ℓ = 1…L, z_0 = x, φ_L = softmax), one step is:
+local representation alignment* (file 000 in the papers folder), §3.2–3.3 and appendix
+Algorithms 1 and 2. The model is split into *regions* i (Algorithm 2), each with a pre-activation
+h_i (carrying a graph to the region's own parameters only), a post-activation z_i = φ_i(h_i) and
+a vector of error units e_i next to z_i. An *error-wiring graph* says which region's error units
+feed which: d_i = E_{j→i} e_j. Starting at the output L (Algorithm 2, COMPUTESIGNALS), top-down:
 
-    e_L = z_L − y                                                 (Alg. 1 line 14; Eq. 4)
-    d_ℓ = E_{L→ℓ} e_L   if ℓ mod g = 0   (skip-error synapse)     (Alg. 1 lines 16–17)
-    d_ℓ = E_{ℓ+1→ℓ} e_{ℓ+1}   otherwise  (pairwise synapse)        (Alg. 1 line 19)
-    y_ℓ = φ_ℓ(h_ℓ − β d_ℓ),  e_ℓ = z_ℓ − y_ℓ                      (Alg. 1 line 20; Eq. 3–4)
-    ΔW_ℓ = e_ℓ z_{ℓ-1}ᵀ           — no φ′ anywhere, so sign units train   (Eq. 5; line 26)
-    ΔE_{j→i} = −γ d_i e_jᵀ                                        (Eq. 6; lines 29, 31)
+    e_L = z_L − y                                                 (φ_L = softmax; Eq. 4)
+    d_i = E_{j→i} e_j           for the source j of i             (Alg. 2 line 25; Eq. 3)
+    y_i = φ_i(h_i − β d_i),  e_i = z_i − y_i                      (Eq. 3–4)
+    ΔW_{k→i} = e_i z_kᵀ           — no φ′ anywhere, so sign units train   (Eq. 5; Alg. 2 line 8)
+    ΔE_{j→i} = −γ d_i e_jᵀ                                        (Eq. 6)
 
 and parameters move as θ ← θ − λΔθ through the configured optimizer (Adam in the paper).
-The forward pass is the zoo model's own: Algorithm 1's RUNMODEL also adds a residual z_{ℓ-g} to
-every g-th layer, which is a model choice, not the rule's (the rlra-1 MLPs are plain). With
-g = 1 every ℓ satisfies ℓ mod g = 0, so Algorithm 1 read literally wires every layer straight
-from the output (the appendix calls g = 1 "pair-wise"; that wiring is LRA-E below).
-Algorithm 1 indexes E by its source layer and writes ``d_{ℓ-1}`` for the synapse into ℓ−1; that
-is Eq. 6 with i = ℓ−1, which is what is implemented. ``error_update: state`` selects the
-appendix's alternative ΔE_{j→i} = γ z_i e_jᵀ ("proved useful for the MNIST/FMNIST
-experiments"; it is also LRA-E's rule: E tracks the transpose of W_j's update).
+``error_update: state`` selects the appendix's alternative ΔE_{j→i} = γ z_i e_jᵀ ("proved useful
+for the MNIST/FMNIST experiments"; it is also LRA-E's rule: E tracks the transpose of W_j's update).
+Algorithm 2 line 11 prints ΔE = −γ e_i d_jᵀ, whose shape is not E's; Eq. 6 (and Algorithm 1
+lines 29/31) is what is implemented.
 
-Options (configs/algorithm/rlra.yaml): β, γ, skip gap g, elastic error units
-e = α_e(z − y) + (1 − α_e) sign(z − y) with α_e for depth 1 (units at the end of a skip synapse
-E_{L→ℓ}, ℓ mod g = 0) and depth 2 (units at the end of a pairwise synapse E_{ℓ+1→ℓ}) — appendix, 0.19 and 0.24 for the CNNs and
-ResNets, 1.0 (plain z − y) by default —, κ_ℓ layer weights of the total discrepancy (Eq. 2),
-and the initialisation of E (σ-Gaussian for the MLPs, unit Gaussian for the ResNets; appendix).
-Update re-projection Nm(Δ, c) is the general ``algorithm.max_grad_norm`` of every rule; it
-applies to the error synapses too ("any parameter update matrix").
+**Wiring built from the model** (``wiring``):
+
+* MLP and plain CNN (``mlp``, ``cnn``, ``sfa_mnist``): one region per Linear/Conv2d layer
+  ℓ = 1…L. With recursion depth D = ``recursion_depth`` and skip gap g = ``skip_gap``, hidden
+  layer ℓ has level k = the smallest k < D with ℓ mod g^(D−k) = 0, else D. A level-k < D layer
+  is fed from the nearest layer above it of a lower level (the output has level 0); a level-D
+  layer from ℓ+1. D = 2 is Algorithm 1 exactly (E_{L→ℓ} if ℓ mod g = 0, else E_{ℓ+1→ℓ}), the
+  default; D = 1 (or g = 1) wires every layer straight from the output. Algorithm 1's
+  RUNMODEL also adds a residual z_{ℓ-g} every g layers: that is a model choice, not the rule's
+  (the rlra-1 MLPs are plain), so the zoo model's own forward runs.
+* ResNet (``timm:resnet18``, ``presnet18``; §3.3): error units at the stem's output and at every
+  residual block's output, all wired from the output (E_{L→i}, level 1: the block outputs are
+  the "meta-representations"). Then the recursion enters each block (``block_update``):
+    - ``rlra`` (default): a level-2 region at the block's inner map (``act1``), fed from the
+      block's output error units through an error synapse into the conv map; conv1 (+bn1)
+      learns from e_{act1}, conv2 (+bn2, + the projection shortcut) from e_{act2}, each on
+      detached inputs: no gradient crosses a region.
+    - ``local_bp``: the paper's stated alternative (§3.3, "employ a procedure like backprop
+      (treating the block's output error neuron vector as a proxy for ∂L/∂z_i)"): one region per
+      block whose h is the whole block (pre-``act2`` residual sum) on its detached input; the
+      block's error units are backpropagated inside the block only. As for every region, no φ′
+      of the unit the errors sit on (act2) enters; inside the block local BP includes act1′.
+
+**Error synapses** (``error_synapses``, ``nn.Parameter`` s of this module, stepped by the
+configured optimizer and all-reduced by DDP). Into or out of a vector (the output, a dense
+layer): a dense matrix E (|z_i| × |z_j|), the paper's (appendix: E_{L→i} is |y_L| × |z_i|).
+Between two conv maps a dense matrix would be |z_i|·|z_j| floats (65,536² for ResNet-18's first
+stage), so ``map_synapse`` picks
+
+* ``conv`` (default): E_{j→i} is a k×k convolution C_j → C_i (k = ``synapse_kernel``, "same"
+  padding), d_i = E ⊛ resize(e_j) with e_j resized to z_i's H×W (nearest upsampling, or average
+  pooling when j is larger); ΔE = −γ d_i e_jᵀ becomes the kernel's correlation of −γ d_i with e_j;
+* ``lowrank``: E = U Vᵀ (U: |z_i| × r, V: |z_j| × r, r = ``synapse_rank``), d_i = U (Vᵀ e_j); the
+  update is Eq. 6 taken through the factors (ΔU = −γ d_i (Vᵀe_j)ᵀ, ΔV = −γ e_j (Uᵀd_i)ᵀ);
+* ``dense``: the literal matrix (small maps only).
+
+:meth:`RecursiveLRA.error_synapse_memory` reports their bytes per kind; ``bench perf --only rlra``
+lists them per model.
+
+**Pseudo-convolution** (§3.3, pResNet-18 in bench/models/pseudo_conv.py): a region whose h is a
+pseudo-conv's output gets the paper's Δw_ℓ^m = Σ_{i,j} (e_ℓ * φ_r(z_{ℓ-1}^m + n^m))[i, j] (summed
+over the batch too, then averaged like every update): the surrogate below has exactly that
+gradient for the combination weights and none for the fixed noise maps (a buffer). With the
+block's BatchNorm after the pseudo-conv, e_ℓ reaches the pseudo-conv's output through that norm's
+own (local) backward.
+
+Options (configs/algorithm/rlra.yaml): β, γ, D, g, elastic error units
+e = α_e(z − y) + (1 − α_e) sign(z − y) with α_e for level-1 units (at the end of a skip synapse
+from the output, or at a block output; appendix 0.19) and deeper units (appendix 0.24) — 1.0
+(plain z − y) by default —, κ_ℓ region weights of the total discrepancy (Eq. 2), and the
+initialisation of E (σ-Gaussian for the MLPs, unit Gaussian for the ResNets; appendix). Update
+re-projection Nm(Δ, c) is the general ``algorithm.max_grad_norm`` of every rule; it applies to the
+error synapses too ("any parameter update matrix").
 
 LRA-E — Ororbia & Mali, *Biologically motivated algorithms for propagating local target
 representations*, AAAI 2019: the same targets and updates with pairwise synapses only
 (d_ℓ = E_{ℓ+1→ℓ} e_{ℓ+1} for every ℓ) and ΔE_{ℓ+1→ℓ} = γ z_ℓ e_{ℓ+1}ᵀ = γ (ΔW_{ℓ+1})ᵀ.
 
-How the update reaches ``.grad`` (DESIGN.md, "targets"): every layer runs on its detached input,
+How the update reaches ``.grad`` (DESIGN.md, "targets"): every region runs on its detached input,
 and the surrogate
 
-    S = (1/B) Σ_ℓ κ_ℓ ⟨stopgrad(e_ℓ), W_ℓ stopgrad(z_{ℓ-1}) + b_ℓ⟩  +  (1/B) Σ_{j→i} ⟨stopgrad(s_i), E_{j→i} stopgrad(e_j)⟩
+    S = (1/B) Σ_i κ_i ⟨stopgrad(e_i), h_i⟩  +  (1/B) Σ_{j→i} ⟨stopgrad(s_i), E_{j→i}(stopgrad(e_j))⟩
 
-with s_i = −γ d_i (Eq. 6) or γ z_i (``state``) has ∂S/∂W_ℓ = κ_ℓ e_ℓ z_{ℓ-1}ᵀ and
+with s_i = −γ d_i (Eq. 6) or γ z_i (``state``) has ∂S/∂W_i = κ_i e_i z_kᵀ for a linear region and
 ∂S/∂E_{j→i} = s_i e_jᵀ, averaged over the batch B like the loss of every other rule (so DDP's
-mean over ranks is the mean over the global batch). The output layer's e_L = softmax − onehot is
-B·∂CE/∂h_L, so its update equals backprop's. The E matrices are ``nn.Parameter`` s of this module
-(``error_synapses``), stepped by the configured optimizer and all-reduced by DDP.
+mean over ranks is the mean over the global batch). The output's e_L = softmax − onehot is
+B·∂CE/∂h_L, so its update equals backprop's.
 
 Alignment probe: the model is never modified (no hooks, no cuts — the rule runs the model's own
-layers one by one), so :meth:`true_gradient` has nothing to switch off and the probe's backprop
-pass is the plain network. The update angle is reported for every weight matrix W_ℓ; the E
-matrices are not model weights and have no backprop counterpart. The teaching signal at each
-feedback point (the hidden post-activations z_ℓ) is the error unit e_ℓ, as the DESIGN prescribes
-for target rules: when the probe captures signals, this rule hands the tap leaf copies of z_ℓ
-whose ``.grad`` is e_ℓ/B (the same scale as backprop's ∂L/∂z_ℓ; angles ignore the scale anyway).
+modules region by region), so :meth:`true_gradient` has nothing to switch off and the probe's
+backprop pass is the plain network. The update angle is reported for every weight of the model;
+the E matrices are not model weights and have no backprop counterpart. The teaching signal at
+each feedback point is the error unit e_i (DESIGN): when the regions' units are exactly the
+tap's points (MLP, CNN, ResNet with ``block_update: rlra`` at micro granularity), this rule hands
+the tap leaf copies of z_i whose ``.grad`` is e_i/B (backprop's scale; angles ignore it anyway).
 """
 from __future__ import annotations
 
@@ -64,40 +107,59 @@ from torch import nn
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.init import FEEDBACK_INITS, feedback_tensor
 
-NORMS = (nn.BatchNorm1d, nn.LayerNorm)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+MAP_SYNAPSES = ("conv", "lowrank", "dense")
+BLOCK_UPDATES = ("rlra", "local_bp")
 
 
 @dataclass
 class Stage:
-    """One layer ℓ of a sequential MLP: h_ℓ = norm(linear(z_{ℓ-1})), z_ℓ = act(h_ℓ), then ``post``."""
+    """One layer ℓ of a sequential net: h_ℓ = norm(linear(z_{ℓ-1})), z_ℓ = act(h_ℓ), then ``post``.
 
-    linear: nn.Linear
+    ``linear`` is the layer's Linear (or, for the plain CNN, its Conv2d)."""
+
+    linear: nn.Module
     norms: list = field(default_factory=list)
     act: nn.Module | None = None
     act_name: str | None = None
-    post: list = field(default_factory=list)  # dropout after the activation
+    post: list = field(default_factory=list)  # dropout (pooling, flatten) after the activation
 
 
-def parse_stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
-    """Split a zoo MLP's ``net`` (nn.Sequential) into input modules and per-layer stages."""
+def _leaves(model: nn.Module, convs: bool) -> list[tuple[str, nn.Module]] | None:
+    """The zoo MLP's ``net`` children, or (``convs``) the zoo CNN's layers in forward order."""
     net = getattr(model, "net", None)
-    if not isinstance(net, nn.Sequential):
-        raise ValueError(f"{type(model).__name__} is not a sequential MLP (no nn.Sequential `net`); "
-                         "rec-LRA/LRA-E are implemented for the zoo's mlp (residual and conv wiring: issue 5)")
+    if isinstance(net, nn.Sequential):
+        return [(f"net.{n}", m) for n, m in net.named_children()]
+    if convs and all(hasattr(model, k) for k in ("features", "flatten", "hidden", "classifier")):
+        leaves = [(f"features.{i}.{n}", m) for i, b in enumerate(model.features) for n, m in b.named_children()]
+        leaves.append(("flatten", model.flatten))
+        leaves += [(f"hidden.{i}.{n}", m) for i, b in enumerate(model.hidden) for n, m in b.named_children()]
+        return leaves + [("classifier", model.classifier)]
+    return None
+
+
+def parse_stages(model: nn.Module, convs: bool = False) -> tuple[list[nn.Module], list[Stage]]:
+    """Split a zoo MLP's ``net`` (or, with ``convs``, the zoo CNN) into input modules and stages."""
+    leaves = _leaves(model, convs)
+    if leaves is None:
+        what = "a sequential MLP or the zoo cnn" if convs else "a sequential MLP (no nn.Sequential `net`)"
+        raise ValueError(f"{type(model).__name__} is not {what}; this rule is implemented for "
+                         f"{'mlp, cnn and the timm/p ResNet-18' if convs else 'the zoo mlp'}")
+    layer_types = (nn.Linear, nn.Conv2d) if convs else (nn.Linear,)
     pre, stages = [], []
-    for name, m in net.named_children():
-        if isinstance(m, nn.Linear):
+    for name, m in leaves:
+        if isinstance(m, layer_types):
             stages.append(Stage(linear=m))
         elif not stages:
             pre.append(m)  # Flatten, input dropout
         elif stages[-1].act is None and isinstance(m, NORMS):
             stages[-1].norms.append(m)
-        elif stages[-1].act is None and not isinstance(m, nn.Dropout):
-            stages[-1].act, stages[-1].act_name = m, f"net.{name}"
+        elif stages[-1].act is None and not isinstance(m, (nn.Dropout, nn.Flatten)):
+            stages[-1].act, stages[-1].act_name = m, name
         else:
             stages[-1].post.append(m)
     if len(stages) < 2 or stages[-1].act is not None or any(s.act is None for s in stages[:-1]):
-        raise ValueError(f"{type(model).__name__}: expected [Linear → (norm) → activation]+ → Linear, "
+        raise ValueError(f"{type(model).__name__}: expected [layer → (norm) → activation]+ → Linear, "
                          "got a different layout; rec-LRA needs each hidden layer's φ")
     return pre, stages
 
@@ -109,58 +171,19 @@ def elastic(diff: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * diff + (1.0 - alpha) * torch.sign(diff)
 
 
-@RULES.register("rlra")
-class RecursiveLRA(AlgorithmModule):
-    """rec-LRA, Algorithm 1 (depth 2, skip gap g) on the zoo MLP; see the module docstring."""
+def _is_resnet(model: nn.Module) -> bool:
+    net = getattr(model, "net", None)
+    return net is not None and all(hasattr(net, k) for k in ("conv1", "layer1", "layer4", "fc", "global_pool"))
 
-    pairwise_only = False  # LRA-E sets True
 
-    def setup_rule(self) -> None:
-        a = self.cfg.algorithm
-        self.pre, self.stages = parse_stages(self.model)
-        # γ is ``error_gamma``: ``algorithm.gamma`` is the lr scheduler's decay factor (base.yaml).
-        self.beta, self.gamma = float(a.beta), float(a.error_gamma)
-        self.skip_gap = int(a.skip_gap)
-        if self.skip_gap < 1:
-            raise ValueError(f"algorithm.skip_gap must be ≥ 1, got {self.skip_gap}")
-        self.alpha_depth1, self.alpha_depth2 = float(a.alpha_depth1), float(a.alpha_depth2)
-        if str(a.error_update) not in ("displacement", "state"):
-            raise ValueError(f"unknown algorithm.error_update {a.error_update!r}; valid choices: displacement, state")
-        self.state_rule = str(a.error_update) == "state"
-        L = len(self.stages)
-        kappa = [float(k) for k in a.kappa]
-        if kappa and len(kappa) != L:
-            raise ValueError(f"algorithm.kappa has {len(kappa)} values; the model has {L} layers (or give [] for all 1)")
-        self.kappa = kappa or [1.0] * L
-        # Error wiring: source[ℓ] = j such that d_ℓ = E_{j→ℓ} e_j (1-based layers, L = output).
-        self.source = {l: self.wire(l, L) for l in range(1, L)}
-        sizes = {l: self.stages[l - 1].linear.out_features for l in range(1, L + 1)}
-        init = str(a.error_init)
-        if init not in ("unit", *FEEDBACK_INITS):
-            raise ValueError(f"unknown algorithm.error_init {init!r}; valid choices: unit, {', '.join(FEEDBACK_INITS)}")
-        sigma = 1.0 if init == "unit" else float(a.error_sigma)
-        generator = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
-        self.error_synapses = nn.ParameterDict({
-            self.key(j, l): nn.Parameter(feedback_tensor((sizes[l], sizes[j]), "gaussian" if init == "unit" else init,
-                                                         sigma, generator))
-            for l, j in sorted(self.source.items(), reverse=True)})
-        self.points = [s.act_name for s in self.stages[:-1]]
+class SequentialRegions:
+    """MLP / plain CNN: one region per layer (Algorithm 1's layers ℓ = 1…L)."""
 
-    def wire(self, l: int, L: int) -> int:
-        """Algorithm 1, lines 16–19: skip synapse from the output when ℓ mod g = 0, else from ℓ+1."""
-        if self.pairwise_only:
-            return l + 1
-        return L if l % self.skip_gap == 0 else l + 1
+    def __init__(self, model: nn.Module):
+        self.pre, self.stages = parse_stages(model, convs=True)
+        self.names = [s.act_name for s in self.stages[:-1]] + ["output"]
+        self.acts = [s.act for s in self.stages]
 
-    @staticmethod
-    def key(j: int, i: int) -> str:
-        return f"{j}_to_{i}"
-
-    def error_matrix(self, j: int, i: int) -> torch.Tensor:
-        """E_{j→i} (|z_i| × |z_j|): d_i = E_{j→i} e_j."""
-        return self.error_synapses[self.key(j, i)]
-
-    # ------------------------------------------------------------------ one step
     def forward_layers(self, x: torch.Tensor):
         """Run the model layer by layer on detached inputs: [(z_{ℓ-1}, h_ℓ, z_ℓ)] and the logits.
 
@@ -188,13 +211,232 @@ class RecursiveLRA(AlgorithmModule):
             layers.append((z_in, h, z_out))
         return layers
 
-    def error_units(self, layers, y: torch.Tensor):
-        """Algorithm 1 CALCERRNEURONS: targets, error units and displacements, top-down.
-
-        Returns (errors, targets, displacements) as {ℓ: tensor} plus the E-surrogate terms
-        [(s_i, d_i)] whose ⟨stopgrad(s_i), d_i⟩ has gradient s_i e_jᵀ with respect to E_{j→i}.
-        """
+    def wiring(self, depth: int, gap: int, pairwise: bool) -> dict[int, tuple[int, int]]:
+        """{ℓ: (source j, level)} for the hidden layers; see the module docstring."""
         L = len(self.stages)
+        if pairwise:
+            return {l: (l + 1, 2) for l in range(1, L)}
+
+        def level(l: int) -> int:
+            for k in range(1, depth):
+                if l % gap ** (depth - k) == 0:
+                    return k
+            return depth
+
+        levels = {l: level(l) for l in range(1, L)}
+        levels[L] = 0
+        out = {}
+        for l in range(1, L):
+            k = levels[l]
+            if depth == 1:
+                out[l] = (L, 1)
+            elif k < depth:
+                out[l] = (min(j for j in range(l + 1, L + 1) if levels[j] < k), k)
+            else:
+                out[l] = (l + 1, k)
+        return out
+
+
+class ResNetRegions:
+    """timm ResNet-18 / pResNet-18 (BasicBlock): stem, block outputs (and inner maps), output."""
+
+    def __init__(self, model: nn.Module, block_update: str):
+        from timm.models.resnet import BasicBlock
+
+        self.net = net = model.net
+        self.local_bp = block_update == "local_bp"
+        self.blocks = []
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            for i, blk in enumerate(getattr(net, stage)):
+                if not isinstance(blk, BasicBlock):
+                    raise ValueError(f"rec-LRA supports ResNets of BasicBlocks; net.{stage}.{i} is {type(blk).__name__}")
+                self.blocks.append((f"net.{stage}.{i}", blk))
+        self.names, self.acts = ["net.act1"], [net.act1]
+        for name, blk in self.blocks:
+            if not self.local_bp:
+                self.names.append(f"{name}.act1")
+                self.acts.append(blk.act1)
+            self.names.append(f"{name}.act2")
+            self.acts.append(blk.act2)
+        self.names.append("output")
+        self.acts.append(None)
+
+    @staticmethod
+    def inner(blk, x):
+        """h of the block's inner map: drop_block(bn1(conv1(x)))."""
+        return blk.drop_block(blk.bn1(blk.conv1(x)))
+
+    @staticmethod
+    def outer(blk, a, x):
+        """h of the block's output: bn2(conv2(a)) (+ se, drop_path) + shortcut(x), before act2."""
+        h = blk.bn2(blk.conv2(a))
+        if blk.se is not None:
+            h = blk.se(h)
+        if blk.drop_path is not None:
+            h = blk.drop_path(h)
+        return h + (blk.downsample(x) if blk.downsample is not None else x)
+
+    def forward_layers(self, x: torch.Tensor):
+        """Timm's ResNet forward, region by region on detached inputs: [(input, h_i, z_i)], logits."""
+        net = self.net
+        layers = []
+        h = net.bn1(net.conv1(x))
+        with torch.no_grad():
+            z = net.act1(h)
+            out = net.maxpool(z)
+        layers.append((x, h, z))
+        for _, blk in self.blocks:
+            x_b = out
+            if self.local_bp:  # local BP inside the block: one graph from the block input to h
+                h = self.outer(blk, blk.aa(blk.act1(self.inner(blk, x_b))), x_b)
+            else:
+                h1 = self.inner(blk, x_b)
+                with torch.no_grad():
+                    z1 = blk.act1(h1)
+                    a = blk.aa(z1)
+                layers.append((x_b, h1, z1))
+                h = self.outer(blk, a, x_b)
+            with torch.no_grad():
+                out = blk.act2(h)
+            layers.append((x_b, h, out))
+        feats = net.global_pool(out)
+        if net.drop_rate:
+            feats = F.dropout(feats, p=float(net.drop_rate), training=net.training)
+        layers.append((feats, net.fc(feats), None))
+        return layers
+
+    def wiring(self, depth: int, gap: int, pairwise: bool) -> dict[int, tuple[int, int]]:
+        """Stem and block outputs from the output (level 1); inner maps from their block (level 2)."""
+        L = len(self.names)
+        if pairwise:
+            return {i: (i + 1, 2) for i in range(1, L)}
+        out = {}
+        for i, name in enumerate(self.names[:-1], start=1):
+            if name.endswith(".act1") and name != "net.act1":
+                out[i] = (i + 1, 2) if depth >= 2 else (L, 1)
+            else:
+                out[i] = (L, 1)
+        return out
+
+
+@RULES.register("rlra")
+class RecursiveLRA(AlgorithmModule):
+    """rec-LRA, Algorithm 2 on an error-wiring graph built from the model; see the module docstring."""
+
+    pairwise_only = False  # LRA-E sets True
+
+    def setup_rule(self) -> None:
+        a = self.cfg.algorithm
+        # γ is ``error_gamma``: ``algorithm.gamma`` is the lr scheduler's decay factor (base.yaml).
+        self.beta, self.gamma = float(a.beta), float(a.error_gamma)
+        self.skip_gap, self.depth = int(a.skip_gap), int(a.recursion_depth)
+        if self.skip_gap < 1:
+            raise ValueError(f"algorithm.skip_gap must be ≥ 1, got {self.skip_gap}")
+        if self.depth < 1:
+            raise ValueError(f"algorithm.recursion_depth must be ≥ 1, got {self.depth}")
+        self.alpha_depth1, self.alpha_depth2 = float(a.alpha_depth1), float(a.alpha_depth2)
+        if str(a.error_update) not in ("displacement", "state"):
+            raise ValueError(f"unknown algorithm.error_update {a.error_update!r}; valid choices: displacement, state")
+        self.state_rule = str(a.error_update) == "state"
+        self.map_synapse, self.block_update = str(a.map_synapse), str(a.block_update)
+        if self.map_synapse not in MAP_SYNAPSES:
+            raise ValueError(f"unknown algorithm.map_synapse {self.map_synapse!r}; valid choices: {', '.join(MAP_SYNAPSES)}")
+        if self.block_update not in BLOCK_UPDATES:
+            raise ValueError(f"unknown algorithm.block_update {self.block_update!r}; valid choices: {', '.join(BLOCK_UPDATES)}")
+        self.kernel, self.rank = int(a.synapse_kernel), int(a.synapse_rank)
+        if self.kernel < 1 or self.kernel % 2 == 0 or self.rank < 1:
+            raise ValueError(f"algorithm.synapse_kernel must be odd ≥ 1 and synapse_rank ≥ 1, got {self.kernel}, {self.rank}")
+        self.regions = (ResNetRegions(self.model, self.block_update) if _is_resnet(self.model)
+                        else SequentialRegions(self.model))
+        self.acts = self.regions.acts
+        L = len(self.acts)
+        kappa = [float(k) for k in a.kappa]
+        if kappa and len(kappa) != L:
+            raise ValueError(f"algorithm.kappa has {len(kappa)} values; the model has {L} regions (or give [] for all 1)")
+        self.kappa = kappa or [1.0] * L
+        wiring = self.regions.wiring(self.depth, self.skip_gap, self.pairwise_only)
+        # source[i] = j with d_i = E_{j→i} e_j (1-based regions, L = output); level 1 = fed from a skip.
+        self.source = {i: j for i, (j, _) in wiring.items()}
+        self.level = {i: k for i, (_, k) in wiring.items()}
+        self.shapes = self._region_shapes()
+        init = str(a.error_init)
+        if init not in ("unit", *FEEDBACK_INITS):
+            raise ValueError(f"unknown algorithm.error_init {init!r}; valid choices: unit, {', '.join(FEEDBACK_INITS)}")
+        self._init = ("gaussian" if init == "unit" else init, 1.0 if init == "unit" else float(a.error_sigma))
+        generator = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
+        self.kinds, synapses = {}, {}
+        for i, j in sorted(self.source.items(), reverse=True):
+            kind = self.kinds[(j, i)] = self._kind(j, i)
+            synapses.update(self._make_synapse(j, i, kind, generator))
+        self.error_synapses = nn.ParameterDict(synapses)
+        self.points = self.regions.names[:-1]
+
+    # ------------------------------------------------------------------ error synapses
+    @torch.no_grad()
+    def _region_shapes(self) -> dict[int, tuple[int, ...]]:
+        """Per-sample shape of z_i for every region (one dry forward in eval mode)."""
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            layers = self.regions.forward_layers(torch.zeros(2, *self.input_shape))
+        finally:
+            self.model.train(was_training)
+        return {i: tuple((z if z is not None else h).shape[1:]) for i, (_, h, z) in enumerate(layers, start=1)}
+
+    def _kind(self, j: int, i: int) -> str:
+        maps = len(self.shapes[i]) == 3 and len(self.shapes[j]) == 3
+        return self.map_synapse if maps else "dense"
+
+    def _make_synapse(self, j: int, i: int, kind: str, generator) -> dict[str, nn.Parameter]:
+        init, sigma = self._init
+        size_i, size_j = (int(torch.Size(self.shapes[n]).numel()) for n in (i, j))
+        if kind == "dense":
+            return {self.key(j, i): nn.Parameter(feedback_tensor((size_i, size_j), init, sigma, generator))}
+        if kind == "conv":
+            shape = (self.shapes[i][0], self.shapes[j][0], self.kernel, self.kernel)
+            return {self.key(j, i): nn.Parameter(feedback_tensor(shape, init, sigma, generator))}
+        # low rank: E = U Vᵀ with V ~ N(0, 1/r), so E's entries have U's variance
+        u = feedback_tensor((size_i, self.rank), init, sigma, generator)
+        v = torch.randn((size_j, self.rank), generator=generator) / self.rank ** 0.5
+        return {f"{self.key(j, i)}_u": nn.Parameter(u), f"{self.key(j, i)}_v": nn.Parameter(v)}
+
+    @staticmethod
+    def key(j: int, i: int) -> str:
+        return f"{j}_to_{i}"
+
+    def error_matrix(self, j: int, i: int) -> torch.Tensor:
+        """E_{j→i} (|z_i| × |z_j| dense, or C_i × C_j × k × k conv): d_i = E_{j→i} e_j."""
+        return self.error_synapses[self.key(j, i)]
+
+    def transmit(self, j: int, i: int, e: torch.Tensor) -> torch.Tensor:
+        """d_i = E_{j→i} e_j, with a graph to the synapse only (e_j is detached)."""
+        kind = self.kinds[(j, i)]
+        if kind == "dense":
+            d = e.flatten(1) @ self.error_matrix(j, i).t()
+        elif kind == "lowrank":
+            k = self.key(j, i)
+            d = (e.flatten(1) @ self.error_synapses[f"{k}_v"]) @ self.error_synapses[f"{k}_u"].t()
+        else:
+            size = self.shapes[i][1:]
+            if tuple(e.shape[2:]) != size:
+                e = (F.interpolate(e, size=size, mode="nearest") if e.shape[2] < size[0]
+                     else F.adaptive_avg_pool2d(e, size))
+            return F.conv2d(e, self.error_matrix(j, i), padding=self.kernel // 2)
+        return d if d.dim() == 1 + len(self.shapes[i]) else d.view(-1, *self.shapes[i])
+
+    # ------------------------------------------------------------------ one step
+    def forward_layers(self, x: torch.Tensor):
+        """[(input_i, h_i, z_i)] per region, input → output; the last entry's h is the logits."""
+        return self.regions.forward_layers(x)
+
+    def error_units(self, layers, y: torch.Tensor):
+        """Algorithm 2 COMPUTEERRORNEURONS: targets, error units and displacements, top-down.
+
+        Returns (errors, targets, displacements) as {i: tensor} plus the E-surrogate terms
+        [(s_i, d_i)] whose ⟨stopgrad(s_i), d_i⟩ has gradient s_i e_jᵀ with respect to E_{j→i}.
+        Every source lies above its target, so one top-down sweep visits each region after its source.
+        """
+        L = len(self.acts)
         h_L = layers[-1][1].detach()
         with torch.no_grad():
             probs = torch.softmax(h_L.float(), dim=-1).to(h_L.dtype)
@@ -203,14 +445,13 @@ class RecursiveLRA(AlgorithmModule):
         displacements, e_terms = {}, []
         for l in range(L - 1, 0, -1):
             j = self.source[l]
-            d = errors[j] @ self.error_matrix(j, l).t()  # graph to E only: errors are detached
+            d = self.transmit(j, l, errors[j])  # graph to E only: errors are detached
             _, h, z = layers[l - 1]
             with torch.no_grad():
-                target = self.stages[l - 1].act(h.detach() - self.beta * d.detach())
-                # Depth 1: the unit ends a skip synapse from the output (Alg. 1 line 17); depth 2:
-                # it ends a pairwise synapse inside a block (line 19), whatever its source layer.
-                skip = not self.pairwise_only and l % self.skip_gap == 0
-                alpha = self.alpha_depth1 if skip else self.alpha_depth2
+                target = self.acts[l - 1](h.detach() - self.beta * d.detach())
+                # Level 1: the unit ends a skip synapse from the output (Alg. 1 line 17) or sits at
+                # a block output; deeper: it ends a pairwise synapse inside a block (line 19).
+                alpha = self.alpha_depth1 if self.level[l] == 1 else self.alpha_depth2
                 errors[l] = elastic(z - target, alpha)
                 targets[l] = target
                 displacements[l] = d.detach()
@@ -242,16 +483,34 @@ class RecursiveLRA(AlgorithmModule):
         if list(self.tap.names) != self.points:
             self.tap.clear()  # a different point layout: no signal angles for this rule
             return
-        self.tap.outputs = [layers[l - 1][2].detach().requires_grad_(True) for l in range(1, len(self.stages))]
+        self.tap.outputs = [layers[l - 1][2].detach().requires_grad_(True) for l in range(1, len(self.acts))]
 
     @contextmanager
     def true_gradient(self):
         # Nothing to switch off: the rule never alters the model, so model(x) is plain backprop.
         yield
 
+    # ------------------------------------------------------------------ memory
     def error_synapse_floats(self) -> int:
-        """Memory of the error synapses in floats (issue 5: report it per model)."""
+        """Number of error-synapse parameters (issue 5: report their memory per model)."""
         return sum(p.numel() for p in self.error_synapses.values())
+
+    def error_synapse_memory(self) -> dict[str, int]:
+        """Bytes of the error synapses per kind (dense, conv, lowrank) and in total."""
+        out = dict.fromkeys(("dense", "conv", "lowrank"), 0)
+        for key, p in self.error_synapses.items():
+            j, i = (int(v) for v in key.split("_")[0:3:2])
+            out[self.kinds[(j, i)]] += p.numel() * p.element_size()
+        out["total"] = sum(out.values())
+        return out
+
+
+def error_synapse_memory(cfg, input_shape, num_classes: int) -> dict[str, int]:
+    """Error-synapse bytes of rule ``cfg.algorithm.name`` (rlra / lra_e) on model ``cfg.model``."""
+    from bench.models import create_model
+
+    model = create_model(cfg.model, tuple(input_shape), num_classes)
+    return RULES.get(str(cfg.algorithm.name))(cfg, model, num_classes, tuple(input_shape)).error_synapse_memory()
 
 
 @RULES.register("lra_e")
