@@ -5,11 +5,11 @@ between energy-based models and backpropagation*, Frontiers in Computational Neu
 The zoo MLP is read as a layered continuous Hopfield network: units s = (s_1 … s_L) (hidden
 layers, then the output layer s_L), the input s_0 = x clamped, and layer ℓ's ``nn.Linear``
 (W_ℓ, b_ℓ) is the symmetric coupling between layers ℓ−1 and ℓ plus layer ℓ's bias. Its energy
-(paper Eq. 1, restricted to the layered graph) and cost are
+(paper §2, the continuous Hopfield energy restricted to the layered graph) and cost are
 
     E(s)   = ½ Σ_{ℓ≥1} ‖s_ℓ‖² − Σ_{ℓ≥1} ρ(s_ℓ)ᵀ W_ℓ ρ(s_{ℓ−1}) − Σ_{ℓ≥1} b_ℓᵀ ρ(s_ℓ),   ρ(s) = clip(s, 0, 1)
     C(s)   = ½ ‖s_L − y‖²                        (y one-hot)
-    F(s)   = E(s) + β C(s)                        (total energy, Eq. 5)
+    F(s)   = E(s) + β C(s)                        (total energy)
 
 with the hard sigmoid ρ of the paper (§5). One training step:
 
@@ -17,10 +17,10 @@ with the hard sigmoid ρ of the paper (§5). One training step:
    point s⁰ (the prediction is argmax s⁰_L);
 2. nudged ("weakly clamped") phase: s ← clip(s − ε ∂F/∂s, 0, 1), ``n_nudged`` times from s⁰
    → s^β;
-3. update (Eq. 8–10):  ΔW_ℓ ∝ (1/β) (ρ(s^β_ℓ) ρ(s^β_{ℓ−1})ᵀ − ρ(s⁰_ℓ) ρ(s⁰_{ℓ−1})ᵀ),
+3. update (§2):  ΔW_ℓ ∝ (1/β) (ρ(s^β_ℓ) ρ(s^β_{ℓ−1})ᵀ − ρ(s⁰_ℓ) ρ(s⁰_{ℓ−1})ᵀ),
    Δb_ℓ ∝ (1/β) (ρ(s^β_ℓ) − ρ(s⁰_ℓ)).
 
-Theorem 1 of the paper: as β → 0 this is −∂/∂θ C(s⁰(θ)), the gradient of the cost at the free
+Theorem 1 of the paper (§3): as β → 0 this is −∂/∂θ C(s⁰(θ)), the gradient of the cost at the free
 fixed point. The states are projected onto [0, 1] after each step (the authors' code:
 ``T.clip(layer + epsilon*dot, 0, 1)``), so ρ(s) = s on every state and the step is
 s_ℓ ← clip((1 − ε) s_ℓ + ε (W_ℓ s_{ℓ−1} + b_ℓ + W_{ℓ+1}ᵀ s_{ℓ+1}) [+ εβ (y − s_L) at the output]),
@@ -32,15 +32,16 @@ A fixed point is a stationary point of the box-constrained problem: s = clip(s �
 (∂F/∂s = 0 on unsaturated units only).
 
 Option (``random_sign``): the sign of β is drawn at random (±1, equal odds) every step, as in the
-authors' training script (``sign = 2*np.random.randint(0,2)-1``), which the paper reports helps
-(it cancels the O(β) bias of the estimate on average).
+authors' training script (bscellier/Towards-a-Biologically-Plausible-Backprop, ``train_model.py``:
+"choose the sign of beta at random"). The estimate's leading bias is odd in β, so it cancels on
+average over the two signs.
 
 How the update reaches ``.grad`` (DESIGN.md): the surrogate is the paper's own expression,
 
     S = (1/β) · mean_batch [ E_θ(stopgrad s^β) − E_θ(stopgrad s⁰) ],
 
-whose gradient with respect to (W_ℓ, b_ℓ) is exactly −ΔW_ℓ/… above, batch-averaged like every
-rule's loss (so DDP's mean over ranks is the mean over the global batch), and the configured
+whose gradient with respect to (W_ℓ, b_ℓ) is exactly −ΔW_ℓ, −Δb_ℓ of step 3, batch-averaged like
+every rule's loss (so DDP's mean over ranks is the mean over the global batch), and the configured
 optimizer steps it (Adam in rlra-1; the paper uses plain SGD with per-layer rates).
 
 Model mapping: the zoo MLP supplies the Linear layers only. Its activation modules are *not*
@@ -70,6 +71,7 @@ from torch import nn
 
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.config import ConfigError
+from bench.feedback.noise import SharedNoise
 
 
 def rho(s: torch.Tensor) -> torch.Tensor:
@@ -109,12 +111,17 @@ def parse_linears(model: nn.Module, model_name: str) -> tuple[list[nn.Module], l
 class EquilibriumPropagation(AlgorithmModule):
     """Equilibrium propagation on the zoo MLP read as a layered Hopfield energy (module docstring)."""
 
+    SIGN_SEED_OFFSET = 15485863  # β's sign stream: its own seed, never shared with another rule's noise
+
     def setup_rule(self) -> None:
         a = self.cfg.algorithm
         self.pre, self.linears = parse_linears(self.model, str(self.cfg.model.name))
         self.beta, self.epsilon = float(a.beta), float(a.epsilon)
         self.n_free, self.n_nudged = int(a.n_free), int(a.n_nudged)
         self.random_sign = bool(a.random_sign)
+        # Not the global RNG: Lightning's DDP setup draws from it differently than a single process
+        # does, and a resumed run must continue the stream (bench/feedback/noise.py).
+        self.sign_stream = SharedNoise(int(self.cfg.seed) + self.SIGN_SEED_OFFSET)
         if self.beta == 0.0:
             raise ConfigError("algorithm.beta: must be nonzero (the update divides by β), got 0")
         if not 0.0 < self.epsilon <= 1.0:
@@ -186,12 +193,22 @@ class EquilibriumPropagation(AlgorithmModule):
         return self.settle(x, self.zero_states(x), self.n_free)
 
     # ------------------------------------------------------------------ one step
-    def ep_beta(self, device: torch.device) -> float:
-        """β for this step: ±β with equal odds under ``random_sign`` (one draw from the global RNG,
-        identical on every DDP rank since ranks share the seed and the draw count)."""
+    def ep_beta(self) -> float:
+        """β for this step: ±β with equal odds under ``random_sign``, drawn on the host from a
+        stream every DDP rank draws identically (no device sync)."""
         if not self.random_sign:
             return self.beta
-        return self.beta if bool(torch.randint(0, 2, ()).item()) else -self.beta
+        heads = bool(torch.randint(0, 2, (), generator=self.sign_stream.generator(torch.device("cpu"))))
+        return self.beta if heads else -self.beta
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.sign_stream.state() is not None:
+            checkpoint["eprop_sign_generator"] = self.sign_stream.state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.sign_stream.load(checkpoint.get("eprop_sign_generator"))
 
     def phases(self, x: torch.Tensor, y: torch.Tensor, beta: float):
         """(s⁰, s^β): the free fixed point and the nudged one reached from it (no graph)."""
@@ -203,7 +220,7 @@ class EquilibriumPropagation(AlgorithmModule):
 
     def objective(self, x, y):
         x = self.flatten(x)
-        beta = self.ep_beta(x.device)
+        beta = self.ep_beta()
         free, nudged = self.phases(x, y, beta)
         # ∂S/∂θ = (1/β)(∂E/∂θ(s^β) − ∂E/∂θ(s⁰)) = −(1/β)(ρ(s^β_ℓ)ρ(s^β_{ℓ−1})ᵀ − ρ(s⁰_ℓ)ρ(s⁰_{ℓ−1})ᵀ)
         surrogate = (self.energy(x, nudged) - self.energy(x, free)).mean() / beta
