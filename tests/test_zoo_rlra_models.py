@@ -128,3 +128,82 @@ def test_presnet18_points_are_timm_resnet18s():
     assert modules["net.layer2.0.conv2"].noise.shape == (8, 16, 16)
     assert modules["net.layer4.1.conv2"].noise.shape == (16, 4, 4)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------------------- locally connected
+
+
+def naive_lc(layer, x: torch.Tensor) -> torch.Tensor:
+    """Position by position: out[:, :, i, j] = W_{ij} · patch_{ij}(x) + b[:, i, j]."""
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    xp = F.pad(x, (pw, pw, ph, ph))
+    ho, wo = layer.out_size
+    out = torch.empty(x.shape[0], layer.out_channels, ho, wo)
+    for i in range(ho):
+        for j in range(wo):
+            patch = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw].reshape(x.shape[0], -1)
+            out[:, :, i, j] = patch @ layer.weight[i * wo + j].t() + layer.bias[:, i, j]
+    return out
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), (1, 1)])
+def test_lc_layer_equals_a_per_position_loop(stride, padding):
+    from bench.models.locally_connected import LocallyConnected2d
+
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(2, 3, (5, 4), 3, stride=stride, padding=padding)
+    x = torch.randn(4, 2, 5, 4)
+    out = layer(x)
+    assert out.shape == (4, 3, *layer.out_size)
+    torch.testing.assert_close(out, naive_lc(layer, x), rtol=1e-5, atol=1e-5)
+    # untied: changing one position's weights changes that output position only
+    with torch.no_grad():
+        layer.weight[0] += 1.0
+    changed = (layer(x) - out).abs().sum(dim=(0, 1)) > 0
+    assert changed.flatten().tolist() == [True] + [False] * (changed.numel() - 1)
+
+
+def test_lc_layer_by_hand_and_its_local_update():
+    """One 1-channel 3×3 input, 2×2 kernel, stride 1, no padding: four positions, four filters."""
+    from bench.models.locally_connected import LocallyConnected2d
+
+    layer = LocallyConnected2d(1, 1, 3, 2, bias=True)
+    x = torch.arange(1.0, 10.0).view(1, 1, 3, 3)  # [[1,2,3],[4,5,6],[7,8,9]]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[[1.0, 0, 0, 0]], [[0, 1.0, 0, 0]], [[0, 0, 1.0, 0]], [[1.0, 1.0, 1.0, 1.0]]]))
+        layer.bias.copy_(torch.tensor([[[0.5, 0.0], [0.0, -1.0]]]))
+    # patches: (1,2,4,5) (2,3,5,6) (4,5,7,8) (5,6,8,9) → 1 + .5, 3, 7, 28 − 1
+    torch.testing.assert_close(layer(x), torch.tensor([[[[1.5, 3.0], [7.0, 27.0]]]]))
+    e = torch.tensor([[[[1.0, -1.0], [2.0, 0.0]]]])
+    delta = layer.local_update(e, layer.patches(x))
+    torch.testing.assert_close(delta, torch.tensor([[[1.0, 2, 4, 5]], [[-2.0, -3, -5, -6]], [[8.0, 10, 14, 16]],
+                                                    [[0.0, 0, 0, 0]]]))
+    (grad,) = torch.autograd.grad((layer(x) * e).sum(), layer.weight)
+    torch.testing.assert_close(delta, grad)
+
+
+def test_lcnet_is_bartunovs_cifar_network():
+    from bench.models.base import count_params, point_sizes
+
+    torch.manual_seed(0)
+    model = MODELS.get("lcnet")(input_shape=(3, 32, 32), num_classes=10)
+    assert point_sizes(model, (3, 32, 32)) == {
+        "features.0.act": 64 * 16 * 16, "features.1.act": 128 * 8 * 8, "features.2.act": 256 * 8 * 8}
+    lc = lambda cin, cout, k, side: side * side * cout * (cin * k * k + 1)  # noqa: E731 untied weights + biases
+    by_hand = lc(3, 64, 5, 16) + lc(64, 128, 5, 8) + lc(128, 256, 3, 8) + (256 * 8 * 8 * 10 + 10)
+    assert count_params(model) == by_hand == 33_415_178
+    assert model.convertible_layers() == ["classifier"]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_lcnet_norm_options_and_forward():
+    torch.manual_seed(0)
+    model = MODELS.get("lcnet")(input_shape=(3, 12, 12), num_classes=4, channels=[4, 6], kernel=3, stride=[2, 1],
+                                batchnorm=True, layernorm=True, dropout=0.1, activation="relu", init="gaussian")
+    block = model.features[1]
+    assert list(block._modules) == ["lc", "bn", "ln", "act", "drop"]
+    assert block.ln.normalized_shape == (6, 6, 6) and block.bn.num_features == 6
+    model.train()
+    loss = F.cross_entropy(model(torch.randn(3, 3, 12, 12)), torch.tensor([0, 1, 3]))
+    loss.backward()
+    assert torch.isfinite(loss) and model.features[0].lc.weight.grad.shape == (36, 4, 27)
