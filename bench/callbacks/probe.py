@@ -14,6 +14,10 @@ Logged per probe to every logger, kept per probe in ``probe.csv`` and as epoch m
   align/signal_std/<point>  its std over the batch
   align/signal_cos/<point>  mean (and ``_std``) over samples of the cosine of that angle (Launay Tables 2, 4)
   align/wb/<layer>          ∠(W, B) for rules with a per-layer feedback tensor
+With ``probe.sign_flips`` on, every probe and every epoch end also records the cumulative
+fraction of weights that changed sign since initialisation (sfa Fig. 5;
+:mod:`bench.callbacks.sign_flips`): ``signs/flipped/<layer>`` and ``signs/flipped_all``. They
+are cumulative, so their ``metrics.csv`` value is the epoch's last, not its mean.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from bench.callbacks.sign_flips import SignFlips
 from bench.metrics.alignment import angle_deg, norm_ratio, per_sample_angles_deg
 
 
@@ -59,12 +64,41 @@ def batch_mean_std(trainer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 class AlignmentProbe(Callback):
     def __init__(self):
         self.records: list[dict] = []
+        self.sign_flips: SignFlips | None = None
+        self._sign_state: dict | None = None  # from a checkpoint, applied once the tracker exists
 
     def state_dict(self):
-        return {"records": self.records}
+        state = {"records": self.records}
+        if self.sign_flips is not None:
+            state["sign_flips"] = self.sign_flips.state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.records = list(state.get("records", []))
+        self._sign_state = state.get("sign_flips")
+
+    def on_train_start(self, trainer, pl_module):
+        # After any checkpoint restore (some strategies restore after on_fit_start): a fresh run
+        # takes the signs of the initial weights, a resumed one the checkpoint's masks.
+        if not bool(pl_module.cfg.probe.get("sign_flips", False)) or self.sign_flips is not None:
+            return
+        self.sign_flips = SignFlips(self.weights(pl_module))
+        if self._sign_state is not None:
+            self.sign_flips.load_state_dict(self._sign_state)
+            self._sign_state = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.sign_flips is not None:  # after the step and the rule's constraints (E/I, Const)
+            self.sign_flips.update()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.sign_flips is None:
+            return
+        values = self.sign_flips.fractions()
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=int(pl_module.global_step))
+        self.records.append({"step": int(pl_module.global_step), "epoch": int(trainer.current_epoch), **values})
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if not getattr(pl_module, "_probe_due", False):
@@ -73,6 +107,8 @@ class AlignmentProbe(Callback):
         _sync(device)
         start = time.perf_counter()
         values = self.measure(trainer, pl_module)
+        if self.sign_flips is not None:
+            values.update(self.sign_flips.fractions())
         # Straight to the loggers: self.log's epoch aggregation costs ~1 ms per key per call,
         # which at ~30 keys was most of the probe's time. Epoch means come from epoch_means().
         if trainer.is_global_zero:
@@ -83,10 +119,14 @@ class AlignmentProbe(Callback):
         pl_module.probe_seconds += time.perf_counter() - start
 
     def epoch_means(self, epoch: int) -> dict[str, float]:
-        """Mean of every probe quantity over the probes taken in ``epoch`` (the metrics.csv row)."""
+        """Mean of every probe quantity over the probes taken in ``epoch`` (the metrics.csv row);
+        for the cumulative sign-flip fractions, the epoch's last value."""
         rows = [r for r in self.records if r["epoch"] == epoch]
         keys = {k for r in rows for k in r if k.startswith("align/")}
-        return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
+        means = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
+        for r in rows:  # records are in step order: the last one wins
+            means.update({k: v for k, v in r.items() if k.startswith("signs/")})
+        return means
 
     @staticmethod
     def weights(pl_module) -> list[tuple[str, torch.nn.Parameter]]:

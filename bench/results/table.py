@@ -180,8 +180,7 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
     lines = [
         f"# {table.id}: {table.title}",
         "",
-        *(["- **computed from the models with one dry forward, nothing trained**: exact at every budget"]
-          if table.get("compute") else [
+        *([computed_line(records)] if table.get("compute") else [
             f"- **budget: `{budget}`**" + (" — a smoke run proves the pipeline, it is **not** a reproduction" if budget == "smoke" else ""),
             f"- epochs trained: {', '.join(map(str, epochs)) or '–'}; seeds per cell: up to {max([r['seeds'] for r in records] or [0])}"]),
         f"- device: {'; '.join(devices)}",
@@ -217,6 +216,14 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
     return "\n".join(lines) + "\n"
 
 
+def computed_line(records: list[dict]) -> str:
+    draws = max((int(r.get("seeds") or 0) for r in records), default=0)
+    if draws > 1:  # random draws at initialisation (sfa-fig2): mean ± std over them
+        return (f"- **computed from the models at initialisation, nothing trained**: mean ± std over {draws} "
+                f"random draws per cell (same at every budget)")
+    return "- **computed from the models with one dry forward, nothing trained**: exact at every budget"
+
+
 def natural_key(name: str) -> list:
     """'net.11' after 'net.3': layer names in forward order."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -240,61 +247,209 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
     return lines
 
 
-def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path: Path) -> tuple[Path, list[int]]:
-    """A paper figure whose points are table rows: x is a config value of each row (``figure.x``),
-    one panel per field in ``figure.series``, one line per column; error bars are the seed std.
-    Returns the PNG's path and the number of lines drawn in each panel."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display on clusters or in CI
     import matplotlib.pyplot as plt
 
-    spec = table.figure
+    return plt
+
+
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")  # a killed render leaves the old PNG or the new one
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _column_label(table: DictConfig, column: str, cells: list[Cell]) -> str:
+    used = sorted({str(c.cfg.data.name) for c in cells if c.column == column and c.cfg is not None})
+    declared = OmegaConf.select(table.columns[column], "data.name", default=column)
+    return column if (not used or used == [declared]) else f"{column} (run on {', '.join(used)}: stand-in)"
+
+
+def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path: Path,
+                spec: DictConfig | None = None) -> tuple[Path, list[int]]:
+    """A paper figure whose points are table rows (``kind: rows``, the default): x is a config
+    value of each row (``figure.x``, from the run's config, or from the row itself in a computed
+    table), one panel per field in ``figure.series``, one line per column; error bars are the
+    seed std. Options: ``log_x``, ``log_y``, ``labels`` (per series), ``x_label``.
+    Returns the PNG's path and the number of lines drawn in each panel."""
+    plt = _pyplot()
+    spec = table.figure if spec is None else spec
     x_of = {}
     for c in cells:
         if c.cfg is not None:
             x_of[c.row] = float(OmegaConf.select(c.cfg, str(spec.x)))
+    for row in table.rows:  # computed tables have no cells: x is a value the row sets
+        if row not in x_of and OmegaConf.select(table.rows[row], str(spec.x), default=None) is not None:
+            x_of[row] = float(OmegaConf.select(table.rows[row], str(spec.x)))
     series = list(spec.series)
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
     for ax, name in zip(axes[0], series):
         for column in table.columns:
             points = sorted((x_of[r["row"]], r["measured_mean"], r["measured_std"] or 0.0) for r in records
-                            if r["column"] == column and r["field"] == name and r["measured_mean"] is not None)
+                            if r["column"] == column and r["field"] == name and r["measured_mean"] is not None
+                            and r["row"] in x_of)
             if points:
                 xs, ys, errs = zip(*points)
-                used = sorted({str(c.cfg.data.name) for c in cells if c.column == column and c.cfg is not None})
-                declared = OmegaConf.select(table.columns[column], "data.name", default=column)
-                label = column if used == [declared] else f"{column} (run on {', '.join(used)}: stand-in)"
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=_column_label(table, column, cells))
         ax.set_xlabel(str(spec.get("x_label", spec.x)))
         ax.set_ylabel(str(spec.get("labels", {}).get(name, name)))
         if spec.get("log_x"):
             ax.set_xscale("log")
+        if spec.get("log_y"):
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
     lines = [len(ax.containers) for ax in axes[0]]  # errorbar() adds one container per line
     fig.suptitle(f"{table.id}: {spec.get('title', table.title)}", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path, lines
+    return _save(fig, path), lines
+
+
+def run_curves(cells: list[Cell], key: str, file: str = "probe.csv") -> dict[tuple[str, str], dict[str, list]]:
+    """Quantities recorded over training in each run folder's ``probe.csv``, per (row, column):
+    {line: [(step, mean over finished seeds), ...]}. ``key`` ending in ``/`` is a prefix (one line
+    per layer, named by the rest of the key); otherwise one line named ``key``."""
+    from bench.config import run_name
+    from bench.results.io import read_csv
+
+    per_cell: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
+    for c in cells:
+        if c.status != "finished" or c.cfg is None:
+            continue
+        path = Path(c.cfg.output.root) / run_name(c.cfg) / file
+        if not path.exists():
+            continue
+        lines = per_cell.setdefault((c.row, c.column), {})
+        for rec in read_csv(path):
+            for k, v in rec.items():
+                if v in ("", None) or not (k == key or (key.endswith("/") and k.startswith(key))):
+                    continue
+                name = k[len(key):] if key.endswith("/") else k
+                lines.setdefault(name, {}).setdefault(int(rec["step"]), []).append(float(v))
+    # lines keep the CSV's column order, which is the model's forward order (input → output)
+    return {cell: {name: [(step, statistics.fmean(vs)) for step, vs in sorted(points.items())]
+                   for name, points in lines.items()}
+            for cell, lines in per_cell.items()}
+
+
+def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictConfig) -> list[tuple[Path, int, list[dict]]]:
+    """A paper figure of quantities over training (``kind: curves``), read from ``probe.csv``:
+
+    * ``lines: layers`` (default): one PNG per row (and column), one line per layer of ``key``
+      (sfa Figure 3: the update angle of every layer over training, one panel per rule);
+    * ``lines: rows``: one PNG per column, one line per row (sfa Figure 5: the fraction of
+      flipped signs of every freezing condition).
+
+    ``rows`` limits the figure to some rows; ``title``, ``x_label``, ``y_label``, ``ylim`` and
+    ``hlines`` (reference lines) set the axes.
+
+    Lines are the mean over the finished seeds at each step. Returns, per PNG, its path, the
+    number of lines drawn and the plotted points (for the figure's CSV)."""
+    plt = _pyplot()
+    from bench.config import slug
+
+    key, by = str(spec.key), str(spec.get("lines", "layers"))
+    if by not in ("layers", "rows"):
+        raise ValueError(f"figure lines: {by!r}; valid choices: layers, rows")
+    only = [str(r) for r in spec.get("rows", None) or table.rows]
+    curves = {k: v for k, v in run_curves(cells, key).items() if k[0] in only}
+    name = f"-{slug(spec.name)}" if spec.get("name") else ""
+    panels: list[tuple[str, str, dict[str, list]]] = []  # (file stem, subtitle, {line label: points})
+    for column in table.columns:
+        col = f"-{slug(column)}" if len(table.columns) > 1 else ""
+        if by == "rows":
+            lines = {}
+            for row in table.rows:
+                for label, points in curves.get((row, column), {}).items():
+                    lines[row if len(curves.get((row, column))) == 1 else f"{row} {label}"] = points
+            panels.append((f"{table.id}{name}{col}", _column_label(table, column, cells), lines))
+        else:
+            for row in table.rows:
+                if (row, column) in curves:
+                    panels.append((f"{table.id}{name}-{slug(row)}{col}", f"{row} / {_column_label(table, column, cells)}",
+                                   curves[(row, column)]))
+    out = []
+    for stem, subtitle, lines in panels:
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for label, points in lines.items():
+            ax.plot([s for s, _ in points], [v for _, v in points], lw=1.3, marker="o" if len(points) < 15 else None,
+                    ms=3, label=label)
+        ax.set_xlabel(str(spec.get("x_label", "optimizer step")))
+        ax.set_ylabel(str(spec.get("y_label", key)))
+        if spec.get("ylim") is not None:
+            ax.set_ylim(*[float(v) for v in spec.ylim])
+        for y in spec.get("hlines", []) or []:
+            ax.axhline(float(y), color="grey", lw=0.6, ls=":")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=1 if len(lines) < 6 else 2)
+        ax.set_title(f"{table.id}: {spec.get('title', table.title)}\n{subtitle}", fontsize=9)
+        fig.tight_layout()
+        path = _save(fig, out_dir / f"{stem}.png")
+        points = [{"png": path.name, "line": label, "step": s, "value": v} for label, pts in lines.items() for s, v in pts]
+        out.append((path, len(ax.get_lines()) - len(spec.get("hlines", []) or []), points))
+    return out
+
+
+def figure_specs(table: DictConfig) -> list[DictConfig]:
+    """The table's figures: ``figure:`` is one mapping or a list of them, each with a ``kind``."""
+    spec = table.get("figure")
+    if spec is None:
+        return []
+    specs = list(spec) if OmegaConf.is_list(spec) else [spec]
+    for s in specs:
+        if str(s.get("kind", "rows")) not in FIGURE_KINDS:
+            raise ValueError(f"table {table.id}: figure kind {s.get('kind')!r}; valid choices: {', '.join(FIGURE_KINDS)}")
+    return specs
+
+
+FIGURE_KINDS = ("rows", "curves")
+
+
+def render_figures(table: DictConfig, records: list[dict], cells: list[Cell], out_dir: Path) -> tuple[list[Path], list[dict]]:
+    """Every figure of the table; returns the PNGs and the plotted points of curve figures."""
+    from bench.config import slug
+
+    pngs, points = [], []
+    specs = figure_specs(table)
+    for spec in specs:
+        kind = str(spec.get("kind", "rows"))
+        if kind == "rows":
+            if not any(r["measured_mean"] is not None for r in records):
+                continue
+            stem = table.id + (f"-{slug(spec.name)}" if spec.get("name") and len(specs) > 1 else "")
+            png, _ = plot_figure(table, records, cells, out_dir / "plots" / f"{stem}.png", spec)
+            pngs.append(png)
+        else:
+            for png, _, pts in plot_curves(table, cells, out_dir / "plots", spec):
+                pngs.append(png)
+                points += pts
+    return pngs, points
 
 
 def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str | Path = "results") -> tuple[Path, str]:
     if table.get("compute"):  # computed from the models, nothing trained (bench/results/computed.py)
         from bench.results.computed import COMPUTED
 
-        records = COMPUTED.get(str(table.compute))(table)
+        records = COMPUTED.get(str(table.compute))(table, budget)
     else:
         records = aggregate(table, cells)
     text = render_markdown(table, budget, records, cells)
     out_dir = Path(out_dir)
-    if table.get("figure") and any(c.status == "finished" for c in cells):
-        png, _ = plot_figure(table, records, cells, out_dir / "plots" / f"{table.id}.png")
-        text += f"\n![{table.id}](plots/{png.name})\n"
+    pngs, points = render_figures(table, records, cells, out_dir)
+    for png in pngs:
+        text += f"\n![{png.stem}](plots/{png.name})\n"
+    if points:  # the curves as numbers, beside the PNGs
+        write_csv(out_dir / f"{table.id}-curves.csv", [{"budget": budget, **p} for p in points])
+        text += f"\nThe plotted curves as numbers: [{table.id}-curves.csv]({table.id}-curves.csv).\n"
     md = out_dir / f"{table.id}.md"
     write_text(md, text)
     write_csv(out_dir / f"{table.id}.csv", [{"budget": budget, **r} for r in records])
