@@ -86,7 +86,11 @@ class DifferenceTargetProp(AlgorithmModule):
 
     def setup_rule(self) -> None:
         a = self.cfg.algorithm
-        self.pre, self.stages = parse_stages(self.model)
+        try:
+            self.pre, self.stages = parse_stages(self.model)
+        except ValueError as exc:
+            raise ValueError(f"{self.cfg.algorithm.name}: target propagation runs on the zoo's sequential mlp "
+                             f"(learned inverses per Linear → φ layer); {type(self.model).__name__}: {exc}") from None
         L = len(self.stages)
         self.target_lr = float(a.target_lr)
         self.noise_sigma = float(a.noise)
