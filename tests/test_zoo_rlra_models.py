@@ -207,3 +207,125 @@ def test_lcnet_norm_options_and_forward():
     loss = F.cross_entropy(model(torch.randn(3, 3, 12, 12)), torch.tensor([0, 1, 3]))
     loss.backward()
     assert torch.isfinite(loss) and model.features[0].lc.weight.grad.shape == (36, 4, 27)
+
+
+# ---------------------------------------------------------------------------- GCN + ZCA
+
+
+def test_gcn_by_hand():
+    """Per image and channel: minus the channel's own mean; then the image scaled to L2 norm `scale`."""
+    from bench.data.whitening import gcn
+
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]], [[5.0, 5.0], [7.0, 7.0]]]])  # one 2-channel 2×2 image
+    # centred: [[-2, -1], [0, 3]] and [[-1, -1], [1, 1]]; squared norm 14 + 4 = 18
+    expected = torch.tensor([[[[-2.0, -1.0], [0.0, 3.0]], [[-1.0, -1.0], [1.0, 1.0]]]]) / 18 ** 0.5
+    torch.testing.assert_close(gcn(x, scale=1.0), expected)
+    torch.testing.assert_close(gcn(x, scale=55.0), 55 * expected)
+    torch.manual_seed(0)
+    batch = gcn(torch.rand(7, 3, 8, 8) * 255)  # default scale 55
+    torch.testing.assert_close(batch.mean(dim=(2, 3)), torch.zeros(7, 3), rtol=0, atol=1e-4)
+    torch.testing.assert_close(batch.flatten(1).norm(dim=1), torch.full((7,), 55.0))
+    assert gcn(torch.full((1, 3, 2, 2), 9.0)).abs().max() == 0  # a flat image stays zero
+
+
+def test_zca_by_hand_on_a_rotated_2d_set():
+    """Σ = R diag(4, 1) Rᵀ (R a 45° rotation) → W = R diag(1/2, 1) Rᵀ = [[.75, −.25], [−.25, .75]]."""
+    from bench.data.whitening import ZCA
+
+    points = torch.tensor([[2.0, 1.0], [-2.0, 1.0], [2.0, -1.0], [-2.0, -1.0]]) + torch.tensor([3.0, -1.0])
+    c = 0.5 ** 0.5
+    rotation = torch.tensor([[c, -c], [c, c]])
+    x = (points - torch.tensor([3.0, -1.0])) @ rotation.T + torch.tensor([3.0, -1.0])  # rotate about the mean
+    zca = ZCA.fit(x, epsilon=0.0)
+    torch.testing.assert_close(zca.mean, torch.tensor([3.0, -1.0]))
+    torch.testing.assert_close(zca.matrix, torch.tensor([[0.75, -0.25], [-0.25, 0.75]]))
+    white = zca(x)
+    torch.testing.assert_close(white.T @ white / 4, torch.eye(2), rtol=0, atol=1e-6)
+    # ε shrinks each component: (4 + 1)^-½ and (1 + 1)^-½ along the two axes
+    shrunk = ZCA.fit(x, epsilon=1.0).matrix
+    d = torch.diag(torch.tensor([5 ** -0.5, 2 ** -0.5]))
+    torch.testing.assert_close(shrunk, rotation @ d @ rotation.T)
+
+
+def test_zca_whitened_training_data_has_identity_covariance():
+    from bench.data.whitening import ZCA, gcn
+
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(48, 48, generator=g) * torch.logspace(-1, 1, 48)  # strongly correlated, anisotropic
+    x = gcn((torch.randn(3000, 48, generator=g) @ mixing).view(3000, 3, 4, 4))
+    zca = ZCA.fit(x, epsilon=1e-6)
+    white = zca(x).flatten(1)
+    cov = (white - white.mean(0)).T @ (white - white.mean(0)) / len(white)
+    # GCN removes 3 directions (each image's 3 channel means are 0): those eigenvalues are 0 and stay 0
+    eig = torch.linalg.eigvalsh(cov.double())
+    assert (eig[:3].abs() < 1e-3).all() and (eig[3:] - 1).abs().max() < 1e-3
+    assert torch.allclose(zca.matrix, zca.matrix.T, atol=1e-5)  # ZCA (not PCA): rotated back, symmetric
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_zca_with_fewer_samples_than_dimensions_equals_the_full_eigendecomposition(epsilon):
+    """The thin-SVD route (N < D) gives the matrix the D×D eigendecomposition gives."""
+    from bench.data.whitening import ZCA
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 48, generator=g, dtype=torch.float64) @ torch.randn(48, 48, generator=g, dtype=torch.float64)
+    zca = ZCA.fit(x, epsilon)
+    centered = x - x.mean(0)
+    eigvals, eigvecs = torch.linalg.eigh(centered.T @ centered / 20)
+    total = eigvals.clamp_min(0) + epsilon
+    keep = total > 1e-9  # 29 null directions: 0 with ε = 0, ε^-½ otherwise
+    scales = torch.where(keep, total.clamp_min(1e-9).rsqrt(), torch.zeros_like(total))
+    torch.testing.assert_close(zca.matrix.double(), (eigvecs * scales) @ eigvecs.T, rtol=1e-4, atol=1e-4)
+    white = zca(x.float()).double()
+    cov = (white - white.mean(0)).T @ (white - white.mean(0)) / 20
+    assert torch.linalg.matrix_rank(cov, atol=1e-3) == 19
+
+
+def test_cifar10_gcn_zca_loader_on_pickle_batches(tmp_path, monkeypatch):
+    """data.normalize=gcn_zca on real-format CIFAR-10 files: GCN per image, ZCA fitted on the
+    training split only (validation and test use it too), cached on disk and reused."""
+    import pickle
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    import bench.data.whitening as whitening
+    from bench.data import create_datamodule
+    from bench.data.base import split_indices
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    raw = {}
+    for name, n in [*((f"data_batch_{i}", 4) for i in range(1, 6)), ("test_batch", 3)]:
+        raw[name] = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "labels": rng.integers(0, 10, n).tolist(), "data": raw[name],
+                         "filenames": [""] * n}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    cfg = OmegaConf.create(dict(name="cifar10", root=str(tmp_path), batch_size=4, eval_batch_size=5, val_size=5,
+                                train_subset=None, download=False, verify=False, augment=False, normalize="gcn_zca",
+                                num_workers=0))
+
+    def images(*arrays):
+        return torch.from_numpy(np.concatenate(arrays)).reshape(-1, 3, 32, 32).float() / 255
+
+    dm = create_datamodule(cfg, seed=0)
+    dm.setup("fit")
+    all_train = images(*(raw[f"data_batch_{i}"] for i in range(1, 6)))
+    train_idx, val_idx = split_indices(20, 5, None, 0)
+    zca = whitening.ZCA.fit(whitening.gcn(all_train[train_idx]), whitening.ZCA_EPSILON)
+    torch.testing.assert_close(dm.train[0], zca(whitening.gcn(all_train[train_idx])), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dm.val[0], zca(whitening.gcn(all_train[val_idx])), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dm.test[0], zca(whitening.gcn(images(raw["test_batch"]))), rtol=1e-4, atol=1e-4)
+    assert dm.train[0].shape == (15, 3, 32, 32) and dm.input_shape == (3, 32, 32)
+    torch.testing.assert_close(dm.train[0].flatten(1).mean(0), torch.zeros(3072), rtol=0, atol=1e-4)
+    cached = list((tmp_path / ".zca-cache").glob("zca-*.pt"))
+    assert len(cached) == 1
+    # a second run reads the cached fit: no eigendecomposition happens
+    monkeypatch.setattr(whitening.torch.linalg, "eigh", lambda *a: pytest.fail("ZCA refitted despite the cache"))
+    again = create_datamodule(cfg, seed=0)
+    again.setup("fit")
+    torch.testing.assert_close(again.train[0], dm.train[0], rtol=0, atol=0)
+    assert isinstance(again, whitening.WhitenedDataModule) and again.preprocessing == "gcn_zca"

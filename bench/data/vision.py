@@ -22,7 +22,9 @@ from bench.data.base import (
     absolute,
     unavailable_on_failure,
 )
+from bench.data.crop import with_crop
 from bench.data.idx import read_idx
+from bench.data.whitening import WhitenedDataModule
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 HOW_FMNIST = f"{HOW_GENERIC}; or apt-get install dataset-fashion-mnist"
@@ -126,11 +128,16 @@ def mnist(cfg: DictConfig, seed: int) -> InMemoryDataModule:
     return InMemoryDataModule(cfg, seed, load_mnist)
 
 
+def cifar_module(cfg: DictConfig) -> type[InMemoryDataModule]:
+    """``data.normalize: gcn_zca`` (rlra's CIFAR-10 preprocessing) whitens; see bench/data/whitening.py."""
+    return WhitenedDataModule if cfg.normalize == "gcn_zca" else InMemoryDataModule
+
+
 @DATASETS.register("cifar10")
 def cifar10(cfg: DictConfig, seed: int) -> InMemoryDataModule:
-    return InMemoryDataModule(cfg, seed, partial(load_cifar, cls=torchvision.datasets.CIFAR10))
+    return with_crop(cifar_module(cfg), cfg)(cfg, seed, partial(load_cifar, cls=torchvision.datasets.CIFAR10))
 
 
 @DATASETS.register("cifar100")
 def cifar100(cfg: DictConfig, seed: int) -> InMemoryDataModule:
-    return InMemoryDataModule(cfg, seed, partial(load_cifar, cls=torchvision.datasets.CIFAR100))
+    return with_crop(cifar_module(cfg), cfg)(cfg, seed, partial(load_cifar, cls=torchvision.datasets.CIFAR100))
