@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 
 from bench.console import interactive
-from bench.config import ConfigError, budget_names, compose, parse_cli, table_ids
+from bench.config import ConfigError, budget_names, compose, parse_cli, resolve_name, run_name, table_ids
+from bench.results.io import check_writable
+
+
+EXIT_TERMINATED = 128 + 15  # the shell's status for a process ended by SIGTERM
 
 
 def _fail(message: str, status: int) -> None:
@@ -27,13 +31,19 @@ def cmd_run(args: argparse.Namespace) -> None:
         dotlist.append("output.wandb=online")
     # Validate before importing Lightning, so a typo costs a second, not ten.
     cfg = compose(run.get("table"), run.get("row"), run.get("column"), run.get("budget"), dotlist)
+    check_writable(Path(cfg.output.root) / run_name(cfg), "run folder")
     from bench.data import DataUnavailable
     from bench.train import run_dir_for, train
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
         summary = train(cfg, retry_failed=True)
     except DataUnavailable as exc:
         _fail(str(exc), 3)
+    except SIGTERMException:  # Lightning's SIGTERM handler: a SystemExit whose status would be 0
+        _fail(f"{run_dir_for(cfg)}: stopped by SIGTERM; run the same command again to resume from its last epoch",
+              EXIT_TERMINATED)
     if summary.get("status") in ("finished", "diverged") and "final" in summary:
         final = summary["final"]
         parts = [f"{k}={v:.2f}" for k, v in sorted(final.items()) if k.endswith("err1")]
@@ -52,7 +62,9 @@ def cmd_table(args: argparse.Namespace) -> None:
     from bench.train import train
 
     table, cells = expand(args.table, args.budget, output_root=args.output_root, overrides=args.overrides,
-                          rows=args.rows, seeds=args.seeds)
+                          seeds=args.seeds)
+    todo = select_rows(table, cells, args.rows)
+    check_folders(cells, args.results)
     quiet = not interactive()
     console = Console()
     start = time.perf_counter()
@@ -64,7 +76,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=quiet) as progress:
-        task = progress.add_task(f"{table.id} ({args.budget})", total=len(cells))
+        task = progress.add_task(f"{table.id} ({args.budget})", total=len(todo))
 
         def report(cell):
             progress.advance(task)
@@ -73,7 +85,7 @@ def cmd_table(args: argparse.Namespace) -> None:
                 line += f"  test err {cell.summary['final'].get('test/err1', float('nan')):.2f}%"
             progress.console.print(line)
 
-        run_cells(cells, train_quietly, progress=report, retry_failed=args.retry_failed)
+        run_cells(todo, train_quietly, progress=report, retry_failed=args.retry_failed)
     md, text = write_table(table, args.budget, cells, out_dir=args.results)
     console.print(Markdown(text) if not quiet else text)
     console.print(f"wrote {md} and {md.with_suffix('.csv')} in {time.perf_counter() - start:.0f} s")
@@ -93,11 +105,28 @@ def print_table(table, budget: str, cells, results: str, quiet: bool, console) -
         console.print(f"wrote {md} and {md.with_suffix('.csv')}")
 
 
+def select_rows(table, cells, rows: list[str] | None):
+    """The cells of the rows named by --rows (as the table spells them, or their slugs); an unknown
+    name is one line. The rendered table still shows every row's finished runs."""
+    if not rows:
+        return cells
+    names = {resolve_name("row", r, table.rows.keys(), table.id) for r in rows}
+    return [c for c in cells if c.row in names]
+
+
+def check_folders(cells, results: str) -> None:
+    """Every folder a table run writes, checked before its first run starts."""
+    for root in sorted({Path(c.cfg.output.root) for c in cells if c.cfg is not None}):
+        check_writable(root, "run folder root")
+    check_writable(Path(results), "results folder")
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from bench import sweep as sw
 
     sweeps_dir = Path(args.sweeps_dir) if args.sweeps_dir else None
     if args.write:
+        check_writable(sweeps_dir or sw.SWEEPS_DIR, "sweeps folder")
         for path in sw.write_sweeps([args.table] if args.table else None, sweeps_dir):
             print(f"wrote {path}")
         return
@@ -115,17 +144,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     budget = args.budget or "smoke"
     table, cells = sw.plan(args.table, budget, output_root=args.output_root, overrides=args.overrides,
-                           rows=args.rows, seeds=args.seeds)
-    roots = {Path(c.cfg.output.root) for c in cells if c.cfg is not None}
-    for root in sorted(roots):
-        sw.check_writable(root, "run folder root")
-    sw.check_writable(Path(args.results), "results folder")
+                           seeds=args.seeds)
+    todo = select_rows(table, cells, args.rows)
+    check_folders(cells, args.results)
     quiet = not interactive()
     console = Console()
     start = time.perf_counter()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=quiet) as progress:
-        task = progress.add_task(f"{table.id} ({budget}, {args.parallel} at a time)", total=len(cells))
+        task = progress.add_task(f"{table.id} ({budget}, {args.parallel} at a time)", total=len(todo))
 
         def report(cell):
             progress.advance(task)
@@ -134,11 +161,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             else:
                 progress.console.print(sw.cell_line(cell), markup=False)
 
-        sw.run_local(cells, parallel=args.parallel, retry_failed=args.retry_failed, overrides=args.overrides,
+        sw.run_local(todo, parallel=args.parallel, retry_failed=args.retry_failed, overrides=args.overrides,
                      progress=report)
     print_table(table, budget, cells, args.results, quiet, console)
-    failed = [c for c in cells if c.status == "failed"]
-    print(f"{len(cells)} cells in {time.perf_counter() - start:.0f} s"
+    failed = [c for c in todo if c.status == "failed"]
+    print(f"{len(todo)} cells in {time.perf_counter() - start:.0f} s"
           + (f"; {len(failed)} failed (rerun them with --retry-failed)" if failed else ""))
     if failed:
         raise SystemExit(1)
@@ -147,6 +174,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from bench.report import report
 
+    for folder in (Path(args.results), Path(args.results) / "plots"):
+        check_writable(folder, "results folder")
     md, pngs, _ = report(args.table, args.budget, output_root=args.output_root, results=args.results)
     print(f"wrote {md}" + "".join(f"\n      {p}" for p in pngs))
 
@@ -159,7 +188,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> None:
     from bench import submit as sb
-    from bench.sweep import check_writable, plan
+    from bench.sweep import plan
 
     if (args.slurm is None) == (not args.local_executor):
         _fail("submit: pass --slurm partition=… nodes=… gpus_per_node=…, or --local-executor", 2)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,16 +206,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Fail with one line, before any run starts, when a results folder cannot be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{what} {path} is not writable ({exc.strerror or exc}); pass another folder") from None
-
-
 # How the runner starts a run (a module attribute so a test can record or fake the launches).
 spawn = subprocess.Popen
 
@@ -292,6 +283,10 @@ def run_local(cells: list[Cell], parallel: int = 1, retry_failed: bool = False, 
             progress(cell)
     unavailable: dict[str, str] = {}
     running: list[Worker] = []
+    # SIGTERM (a scheduler, `kill`) stops the runs too, like Ctrl-C: the workers live in their own
+    # sessions, so without this they would outlive the runner.
+    previous = (signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread()
+                else None)
     try:
         while queue or running:
             while queue and len(running) < parallel:
@@ -327,7 +322,13 @@ def run_local(cells: list[Cell], parallel: int = 1, retry_failed: bool = False, 
                 worker.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return cells
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def plan(table_id: str, budget: str, output_root: str | None = None, overrides: list[str] = (),

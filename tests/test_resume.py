@@ -4,6 +4,7 @@ a kill corrupts nothing; a run folder or checkpoint of another config is refused
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -171,3 +172,36 @@ def test_run_folder_or_checkpoint_of_another_config_is_refused(tmp_path, referen
     after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert {k: v for k, v in after.items() if k not in ("last.ckpt", "summary.json")} == \
         {k: v for k, v in before.items() if k not in ("last.ckpt", "summary.json")}
+
+
+def test_sigterm_leaves_the_run_resumable_not_failed(tmp_path, monkeypatch, capsys):
+    """SIGTERM (the sweep runner stopping its workers, a scheduler, `kill`) is an interruption:
+    exit status 143 and one line, the summary stays "running", and the same command resumes."""
+    from bench.callbacks.timing import EpochTimer
+
+    args = [*ARGS, "data.n_train=288", "trainer.epochs=3", f"output.root={tmp_path}"]
+    original = EpochTimer.on_train_epoch_end
+
+    def sigterm_after_first_epoch(self, trainer, pl_module):
+        original(self, trainer, pl_module)
+        if trainer.current_epoch == 0:  # Lightning's handler notes it; the fit loop stops after this epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(EpochTimer, "on_train_epoch_end", sigterm_after_first_epoch)
+    threads = torch.get_num_threads()
+    try:
+        code, err = run_cli_in_process(capsys, *args)
+        assert code == 143 and err.count("\n") == 1 and "stopped by SIGTERM" in err, err
+        run_dir = one_run_dir(tmp_path)
+        stopped = json.loads((run_dir / "summary.json").read_text())
+        assert stopped["status"] == "running" and stopped["epochs_done"] == 1 and "error" not in stopped
+        assert checkpoint(run_dir)["epoch"] == 0
+
+        monkeypatch.setattr(EpochTimer, "on_train_epoch_end", original)
+        cli.main(["run", *args])
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().out.startswith("finished:")
+    done = json.loads((run_dir / "summary.json").read_text())
+    assert done["status"] == "finished" and done["epochs_done"] == 3 and len(done["time"]["epoch_s"]) == 3
+    assert (run_dir / "logs" / "resume-1").is_dir()  # it resumed from the checkpoint, not from scratch

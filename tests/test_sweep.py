@@ -195,11 +195,56 @@ def test_local_runner_runs_a_2x2_grid_once(tmp_path, sweep_configs, monkeypatch,
         ["row=fa", "column=four", "seed=0"]
 
 
-def test_local_runner_refuses_an_unwritable_results_folder(tmp_path, sweep_configs, capsys):
-    # A folder under a plain file cannot be created even by root (read-only modes can be).
-    locked = tmp_path / "a-file"
-    locked.write_text("")
-    code = sweep_main("--local", "--budget", "tiny", "--output-root", str(tmp_path / "runs"), "--results", str(locked / "r"))
+def written_files(tmp_path) -> list[str]:
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if p.is_file() and p.relative_to(tmp_path).parts[0] != "configs")
+
+
+# bench run writes only its run folder; bench report only reads run folders
+@pytest.mark.parametrize("command, locked", [("run", "runs"), ("table", "runs"), ("table", "results"),
+                                             ("sweep", "runs"), ("sweep", "results"), ("report", "results")])
+def test_an_unwritable_folder_fails_with_one_line_and_writes_nothing(command, locked, tmp_path, sweep_configs, capsys):
+    # A folder under a plain file cannot be created, even by root (for whom read-only modes are no obstacle).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    if locked == "runs":
+        runs = blocker / "runs"
+    else:
+        results = blocker / "results"
+    argv = {
+        "run": ["run", f"table={TABLE_ID}", "row=bp", "column=three", "budget=tiny", f"output.root={runs}"],
+        "table": ["table", TABLE_ID, "--budget", "tiny", "--output-root", str(runs), "--results", str(results)],
+        "sweep": ["sweep", TABLE_ID, "--local", "--budget", "tiny", "--output-root", str(runs), "--results", str(results)],
+        "report": ["report", TABLE_ID, "--budget", "tiny", "--output-root", str(runs), "--results", str(results)],
+    }[command]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "not writable" in err
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.json"))
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: ") and "is not writable (Not a directory)" in err and str(blocker) in err
+    assert written_files(tmp_path) == ["a-file"]  # no run started, no table or plot written
+
+
+def test_unknown_rows_are_refused_and_rows_select_by_slug(tmp_path, sweep_configs, monkeypatch, capsys):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    common = ["--budget", "tiny", "--output-root", str(runs), "--results", str(results)]
+    spawns = Spawns(monkeypatch, fake=True)
+    for argv in (["sweep", TABLE_ID, "--local", "--rows", "FA", "no-such-row", *common],
+                 ["table", TABLE_ID, "--rows", "no-such-row", *common],
+                 # what a W&B agent runs for a sweep file naming a row the table lacks
+                 ["run", *sw.agent_args({"table": TABLE_ID, "budget": "tiny", "row": "no-such-row", "column": "three",
+                                         "seed": 0}), f"output.root={runs}"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        assert f"unknown row 'no-such-row' of table {TABLE_ID}" in err
+    assert spawns.commands == [] and written_files(tmp_path) == []
+    # a row by its slug: only that row's cells start (the fake runs write nothing, so they fail)
+    assert sweep_main("--local", "--rows", "fa", *common) == 1
+    assert sorted(a for cmd in spawns.commands for a in cmd if a.startswith(("row=", "column="))) == \
+        ["column=four", "column=three", "row=fa", "row=fa"]
+    # the rendered table still lists every row
+    md = (results / f"{TABLE_ID}.md").read_text()
+    assert "| BP |" in md and "| FA |" in md

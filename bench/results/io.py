@@ -9,6 +9,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from bench.config import ConfigError
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail with one line, before anything is written, when a folder cannot be created or written.
+
+    It really writes (a temporary file, removed at once): permission bits say nothing for root,
+    and a read-only mount or a plain file in the path only shows on a write.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} is not writable ({exc.strerror or exc}); pass another folder") from None
+
 
 def write_text(path: str | Path, text: str) -> None:
     path = Path(path)

@@ -137,7 +137,10 @@ class RunRecorder(Checkpoint):
             self.write_summary(trainer, pl_module, "running")
 
     def on_exception(self, trainer, pl_module, exception):
-        if trainer.is_global_zero and not isinstance(exception, KeyboardInterrupt):
+        # An interruption is not a failure: Ctrl-C, or SIGTERM from the sweep runner, a scheduler
+        # or `kill` (Lightning raises SIGTERMException, a SystemExit). The summary stays "running",
+        # so the next invocation resumes from last.ckpt instead of skipping the run as failed.
+        if trainer.is_global_zero and not isinstance(exception, (KeyboardInterrupt, SystemExit)):
             self.write_summary(trainer, pl_module, "failed",
                                error="".join(traceback.format_exception_only(type(exception), exception)).strip())
 
