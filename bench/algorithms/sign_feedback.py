@@ -125,13 +125,15 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
         Frobenius norm of the whole matrix or kernel;
       * ``unit``: ``B_t = sign(W_t)`` (Liao et al. 2015's uSF; Xiao et al. 2018's sign symmetry).
 
-    B is refreshed from W at the start of every :meth:`objective`, in place into the existing
-    buffers, so it always matches the weights the backward runs with — also after a resume, a
-    Const/E/I projection or a user's edit. Init uses |B_t| = |B_0|: ``B.copysign_(W)`` is the
-    whole update (one op per layer, no stored |B_0|). sign(0) is taken as ±1 (the sign bit of
-    ±0.0), so a weight at exactly 0 keeps a ±|B_0| feedback where Eq. 4 gives 0, and under SN
-    ‖sign(W)‖₂ = √numel always (so ‖B‖₂ = ‖W‖₂ exactly). Exact zeros are rare (a few in
-    ResNet-18's 11M draws) and E/I clips weights away from 0.
+    B is derived from W inside each backward, right before the layer uses it (``layer.derive``,
+    :mod:`bench.feedback.replaced`), in place into the existing buffer, so it always matches the
+    weights the backward runs with — also after a resume, a Const/E/I projection or a user's
+    edit — and a layer whose δx is never needed (the first) costs nothing. Anything else that
+    reads B (the probe's ∠(W, B), tests) calls :meth:`refresh_feedback` first. Init uses
+    |B_t| = |B_0|: ``B.copysign_(W)`` is the whole update (no stored |B_0|). sign(0) is taken as
+    ±1 (the sign bit of ±0.0), so a weight at exactly 0 keeps a ±|B_0| feedback where Eq. 4
+    gives 0, and under SN ‖sign(W)‖₂ = √numel always (so ‖B‖₂ = ‖W‖₂ exactly). Exact zeros are
+    rare (a few in ResNet-18's 11M draws) and E/I clips weights away from 0.
     """
 
     def setup_rule(self) -> None:
@@ -139,38 +141,39 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
         self.sign_scale = str(self.cfg.algorithm.get("sign_scale", "init"))
         if self.sign_scale not in SIGN_SCALES:
             raise ValueError(f"unknown algorithm.sign_scale {self.sign_scale!r}; valid choices: {', '.join(SIGN_SCALES)}")
-        self.fb_weights = [layer.weight for layer in self.layers.values()]
-        self.inv_sqrt_numel = [1.0 / math.sqrt(w.numel()) for w in self.fb_weights]
+        derive = {"init": _derive_init, "sn": _derive_sn, "unit": _derive_unit}[self.sign_scale]
+        for layer in self.layers.values():
+            layer.derive = derive
         self.setup_weight_options()
         self.refresh_feedback()
 
     @torch.no_grad()
     def refresh_feedback(self) -> None:
-        # One pass over each layer's W and B (plus one fused norm pass over W for SN): B is a
-        # copysign of a magnitude onto W — |B_0| (its own current magnitude) for Init, the
-        # layer's ‖W‖₂/√numel for SN, 1 for unit — written in place, no temporaries.
-        weights, feedback = self.fb_weights, [layer.feedback for layer in self.layers.values()]
-        if self.sign_scale == "init":
-            for b, w in zip(feedback, weights):
-                b.copysign_(w)
-        elif self.sign_scale == "sn":
-            scales = torch._foreach_norm(weights)
-            torch._foreach_mul_(scales, self.inv_sqrt_numel)
-            for b, w, s in zip(feedback, weights, scales):
-                torch.copysign(s.to(b.dtype), w, out=b)
-        else:
-            for b, w in zip(feedback, weights):
-                torch.copysign(self._one(b), w, out=b)
+        """Write every layer's B from its W now (the backward does it lazily for the layers it uses)."""
+        for layer in self.layers.values():
+            layer.derive(layer.weight, layer.feedback)
 
-    def _one(self, like: torch.Tensor) -> torch.Tensor:
-        one = getattr(self, "_one_cache", None)
-        if one is None or one.device != like.device or one.dtype != like.dtype:
-            one = self._one_cache = torch.ones((), device=like.device, dtype=like.dtype)
-        return one
-
-    def objective(self, x, y):
+    def feedback_weight_pairs(self):
         self.refresh_feedback()
-        return super().objective(x, y)
+        return super().feedback_weight_pairs()
+
+
+# B from W in one in-place pass over B: a copysign of a magnitude onto W — |B_0| (B's own current
+# magnitude) for Init, the layer's ‖W‖₂/√numel for SN, 1 for unit. Called inside the backward.
+@torch.no_grad()
+def _derive_init(w: torch.Tensor, b: torch.Tensor) -> None:
+    b.copysign_(w)
+
+
+@torch.no_grad()
+def _derive_sn(w: torch.Tensor, b: torch.Tensor) -> None:
+    scale = torch.linalg.vector_norm(w, dtype=b.dtype).mul_(1.0 / math.sqrt(w.numel()))
+    torch.copysign(scale, w, out=b)
+
+
+@torch.no_grad()
+def _derive_unit(w: torch.Tensor, b: torch.Tensor) -> None:
+    torch.copysign(torch.ones((), dtype=b.dtype, device=b.device), w, out=b)
 
 
 for _name in ("usf_init", "usf_sn", "ss"):

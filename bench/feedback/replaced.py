@@ -8,9 +8,14 @@ Forward is the ordinary op; backward returns
   δx = B-transposed-op(δy)   (Linear: δy·B, Conv: conv_transpose with B)
   ΔW = the ordinary weight gradient (depends on x and δy only),
 so the weight update reaches the optimizer as ``.grad`` through autograd (DESIGN contract).
-B is a buffer, never a Parameter, so optimizers and DDP never touch it.
+B is a buffer, never a Parameter, so optimizers and DDP never touch it. A rule whose B is a
+function of W (uSF, sign symmetry) sets ``layer.derive``: the backward then writes B from the
+current W in place right before it uses it, and only when δx is needed (never for the first
+layer, whose input needs no gradient), so no separate pass over every B runs each step.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +26,18 @@ from bench.feedback.init import feedback_tensor
 
 class _FALinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback):
+    def forward(ctx, x, weight, bias, feedback, derive):
         ctx.save_for_backward(x, feedback)
         ctx.has_bias = bias is not None
+        ctx.derive = (derive, weight) if derive is not None else None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, feedback = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if need_x and ctx.derive is not None:
+            ctx.derive[0](ctx.derive[1], feedback)
         if grad_out.dtype != feedback.dtype or x.dtype != feedback.dtype:
             return _fa_linear_backward_mixed(x, feedback, grad_out, need_x, need_w, need_b and ctx.has_bias)
         x_shape = x.shape
@@ -38,7 +46,7 @@ class _FALinearFn(torch.autograd.Function):
         grad_x = grad_out.mm(feedback).view(x_shape) if need_x else None
         grad_w = grad_out.t().mm(x) if need_w else None
         grad_b = grad_out.sum(0) if (need_b and ctx.has_bias) else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _fa_linear_backward_mixed(x, feedback, grad_out, need_x, need_w, need_b):
@@ -49,14 +57,15 @@ def _fa_linear_backward_mixed(x, feedback, grad_out, need_x, need_w, need_b):
     grad_x = grad_out.matmul(feedback.to(dtype)).to(x.dtype) if need_x else None
     grad_w = g2.t().mm(x.reshape(-1, x.shape[-1]).to(dtype)).to(feedback.dtype) if need_w else None
     grad_b = g2.sum(0).to(feedback.dtype) if need_b else None
-    return grad_x, grad_w, grad_b, None
+    return grad_x, grad_w, grad_b, None, None
 
 
 class _FAConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, feedback, derive, stride, padding, dilation, groups):
         ctx.save_for_backward(x, feedback)
         ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        ctx.derive = (derive, weight) if derive is not None else None
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -64,6 +73,8 @@ class _FAConv2dFn(torch.autograd.Function):
         x, feedback = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if need_x and ctx.derive is not None:
+            ctx.derive[0](ctx.derive[1], feedback)
         # One fused aten call: δx is computed with B in the weight slot; ΔW depends only on x, δy.
         dtype = grad_out.dtype  # autocast: compute in δ's dtype, return each grad in its input's
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
@@ -71,7 +82,7 @@ class _FAConv2dFn(torch.autograd.Function):
             stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, need_b and has_bias],
         )
         cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
-        return cast(grad_x, x), cast(grad_w, feedback), cast(grad_b, feedback), None, None, None, None, None
+        return cast(grad_x, x), cast(grad_w, feedback), cast(grad_b, feedback), None, None, None, None, None, None
 
 
 class FeedbackLayer:
@@ -79,19 +90,21 @@ class FeedbackLayer:
 
     use_feedback: bool = True
     feedback: torch.Tensor
+    # derive(W, B): writes B from W in place; called inside the backward, only when δx is needed
+    derive: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
 
 class FALinear(nn.Linear, FeedbackLayer):
     def forward(self, x):
         if self.use_feedback:
-            return _FALinearFn.apply(x, self.weight, self.bias, self.feedback)
+            return _FALinearFn.apply(x, self.weight, self.bias, self.feedback, self.derive)
         return F.linear(x, self.weight, self.bias)
 
 
 class FAConv2d(nn.Conv2d, FeedbackLayer):
     def forward(self, x):
         if self.use_feedback:
-            return _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback, self.stride,
+            return _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback, self.derive, self.stride,
                                      self._explicit_padding, self.dilation, self.groups)
         return super().forward(x)
 
