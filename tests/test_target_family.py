@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from bench.algorithms.rlra import LRAE, RecursiveLRA
 from bench.callbacks.probe import AlignmentProbe
+from bench.config import compose
 from bench.models import create_model
 from bench.results.io import read_csv
 from bench.train import train
@@ -290,3 +291,210 @@ def test_error_synapses_are_optimizer_parameters_and_memory(small_cfg):
     sigma = RecursiveLRA(small_cfg("algorithm.name=rlra", "model.width=64", "algorithm.error_sigma=0.05"),
                          create_model(small_cfg("model.width=64").model, (12,), 3), 3, (12,))
     assert 0.045 < float(sigma.error_synapses["2_to_1"].std()) < 0.055  # σ-Gaussian (the MLP protocol)
+
+
+# ---------------------------------------------------------------- Algorithm 2: general wiring
+def test_recursion_depth_wiring_and_levels(small_cfg):
+    """D = 3, g = 2 on 7 hidden layers: level 1 at ℓ mod 4 = 0 (from the output), level 2 at
+    ℓ mod 2 = 0 (from the nearest level-1 layer above), level 3 pairwise; D = 1: all from L."""
+    module, _ = build(small_cfg, "rlra", 7, "algorithm.recursion_depth=3")
+    assert module.source == {7: 8, 6: 8, 5: 6, 4: 8, 3: 4, 2: 4, 1: 2}
+    assert module.level == {7: 3, 6: 2, 5: 3, 4: 1, 3: 3, 2: 2, 1: 3}
+    flat, _ = build(small_cfg, "rlra", 3, "algorithm.recursion_depth=1", "algorithm.skip_gap=3")
+    assert flat.source == {1: 4, 2: 4, 3: 4} and set(flat.level.values()) == {1}
+    pairwise, _ = build(small_cfg, "lra_e", 3, "algorithm.recursion_depth=3")
+    assert pairwise.source == {1: 2, 2: 3, 3: 4}
+    with pytest.raises(ValueError, match="recursion_depth"):
+        build(small_cfg, "rlra", 2, "algorithm.recursion_depth=0")
+    with pytest.raises(ValueError, match="valid choices: conv, lowrank, dense"):
+        build(small_cfg, "rlra", 2, "algorithm.map_synapse=full")
+
+
+def test_depth3_elastic_step_matches_algorithm_2_by_hand(small_cfg):
+    """Depth-3 wiring on 4 hidden layers ({4: 5, 3: 4, 2: 4, 1: 2}), elastic units per level."""
+    wiring, alphas = {4: 5, 3: 4, 2: 4, 1: 2}, {4: 0.19, 3: 0.24, 2: 0.24, 1: 0.24}
+    module, linears = build(small_cfg, "rlra", 4, "algorithm.recursion_depth=3", "algorithm.alpha_depth1=0.19",
+                            "algorithm.alpha_depth2=0.24")
+    assert module.source == wiring
+    E = {(j, i): module.error_synapses[f"{j}_to_{i}"].detach().clone() for i, j in wiring.items()}
+    x, y = batch()
+    a = module.cfg.algorithm
+    hand = hand_step(linears, E, wiring, x, y, beta=float(a.beta), gamma=float(a.error_gamma), alphas=alphas,
+                     kappa=[1] * 5)
+    surrogate, _, _ = module.objective(x, y)
+    surrogate.backward()
+    for l, lin in enumerate(linears, start=1):
+        assert torch.allclose(lin.weight.grad, hand["dW"][l], atol=1e-6), f"ΔW_{l}"
+    for (j, i), dE in hand["dE"].items():
+        assert torch.allclose(module.error_synapses[f"{j}_to_{i}"].grad, dE, atol=1e-6), f"ΔE_{j}→{i}"
+
+
+# ---------------------------------------------------------------- §3.3: residual and conv nets
+RES_SHAPE = (3, 8, 8)
+
+
+def build_net(small_cfg, model, *overrides):
+    """rec-LRA on a zoo conv net at 8×8 (timm ResNet-18 with the CIFAR stem, pResNet, CNN)."""
+    del small_cfg  # its 2×8 MLP keys do not apply to these models
+    cfg = compose(overrides=["algorithm.name=rlra", "data.name=synthetic", f"data.shape=[{','.join(map(str, RES_SHAPE))}]",
+                             f"data.num_classes={CLASSES}", "guard.every=0", "algorithm.error_init=unit", *model, *overrides])
+    torch.manual_seed(0)
+    net = create_model(cfg.model, RES_SHAPE, CLASSES)
+    with torch.no_grad():  # timm zero-inits each block's last BN scale, which would zero conv2's update
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+    return RecursiveLRA(cfg, net, CLASSES, RES_SHAPE)
+
+
+RESNET = ["model.name=timm:resnet18", "model.cifar_stem=true"]
+NETS = {
+    "resnet-conv": (RESNET, []),
+    "resnet-lowrank": (RESNET, ["algorithm.map_synapse=lowrank", "algorithm.synapse_rank=4"]),
+    "resnet-local_bp": (RESNET, ["algorithm.block_update=local_bp"]),
+    "presnet-conv": (["model.name=presnet18", "model.masks=4"], []),
+    "cnn-conv": (["model.name=cnn", "model.channels=[4,6,6]", "model.kernel=3", "model.batchnorm=true"], []),
+}
+
+
+def res_batch():
+    return fixed(4, *RES_SHAPE, scale=1.0, offset=0.7), torch.tensor([0, 2, 1, 2])
+
+
+@pytest.mark.parametrize("net", NETS, ids=list(NETS))
+def test_one_step_on_conv_nets_updates_every_weight(small_cfg, net):
+    model, extra = NETS[net]
+    module = build_net(small_cfg, model, *extra)
+    x, y = res_batch()
+    surrogate, logits, _ = module.objective(x, y)
+    surrogate.backward()
+    for name, p in module.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if p.ndim >= 2:
+            assert p.grad.abs().max() > 0, name
+    if net.startswith("resnet"):
+        blocks = 8 if "local_bp" in net else 16  # stem + 8 block outputs (+ 8 inner maps)
+        assert len(module.regions.names) == 1 + blocks + 1
+        # every block output and the stem hear the output directly (E_{L→i}); inner maps their block
+        L = len(module.regions.names)
+        for i, name in enumerate(module.regions.names[:-1], start=1):
+            inner = name.endswith(".act1") and name != "net.act1"
+            assert module.source[i] == (i + 1 if inner else L) and module.level[i] == (2 if inner else 1)
+
+
+def test_resnet_error_synapse_memory(small_cfg):
+    """Dense E_{L→i} into the stem and the 8 block outputs, 3×3 conv synapses into the inner maps."""
+    module = build_net(small_cfg, RESNET)
+    sizes = {n: int(torch.Size(s).numel()) for n, s in zip(module.regions.names, module.shapes.values())}
+    # CIFAR stem at 8×8: 64×8×8, layer2 128×4×4, layer3 256×2×2, layer4 512×1×1
+    assert sizes["net.act1"] == 4096 and sizes["net.layer2.0.act2"] == 2048 and sizes["net.layer4.1.act2"] == 512
+    dense = 4 * CLASSES * sum(v for k, v in sizes.items() if k == "net.act1" or k.endswith(".act2"))
+    widths = [64, 64, 128, 128, 256, 256, 512, 512]
+    conv = 4 * sum(c * c * 9 for c in widths)
+    assert module.error_synapse_memory() == {"dense": dense, "conv": conv, "lowrank": 0, "total": dense + conv}
+    local = build_net(small_cfg, RESNET, "algorithm.block_update=local_bp")
+    assert local.error_synapse_memory()["total"] == dense  # local BP needs no synapses inside the blocks
+
+
+def test_local_bp_inside_block_equals_backprop_of_the_block_error_units(small_cfg):
+    """block_update=local_bp: e_b = z_b − relu(h_b − β E_{L→b} e_L) by hand, and every weight of the
+    block gets exactly backprop of ⟨e_b, h_b⟩/B through that block alone (autograd on timm's modules)."""
+    module = build_net(small_cfg, RESNET, "algorithm.block_update=local_bp")
+    x, y = res_batch()
+    layers = module.forward_layers(x)
+    errors, _, _, _ = module.error_units(layers, y)
+    L, B, beta = len(layers), x.shape[0], float(module.cfg.algorithm.beta)
+    surrogate, logits, _ = module.objective(x, y)
+    surrogate.backward()
+    e_L = torch.softmax(logits.detach(), 1) - F.one_hot(y, CLASSES).float()
+    for i, (name, blk) in ((4, module.regions.blocks[2]), (9, module.regions.blocks[7])):  # layer2.0 (projection), layer4.1
+        assert module.regions.names[i - 1] == f"{name}.act2"
+        x_b, h_b, z_b = layers[i - 1]
+        E = module.error_synapses[f"{L}_to_{i}"].detach()
+        d = (e_L @ E.t()).view_as(z_b)
+        e_hand = z_b - torch.relu(h_b.detach() - beta * d)
+        assert torch.allclose(errors[i], e_hand, atol=1e-6) and e_hand.abs().max() > 1e-3
+        # backprop inside the block only, from its error units, with autograd on the block's modules
+        params = [p for p in blk.parameters()]
+        x_in = x_b.detach()
+        inner = blk.act1(blk.bn1(blk.conv1(x_in)))
+        shortcut = blk.downsample(x_in) if blk.downsample is not None else x_in
+        h = blk.bn2(blk.conv2(inner)) + shortcut
+        grads = torch.autograd.grad(h, params, grad_outputs=e_hand / B)
+        for (n, p), g in zip(blk.named_parameters(), grads):
+            assert torch.allclose(p.grad, g, atol=1e-5), f"{name}.{n}"
+        assert any(n.startswith("downsample") for n, _ in blk.named_parameters()) == (i == 4)
+
+
+def test_resnet_inner_region_conv_synapse_by_hand(small_cfg):
+    """block_update=rlra: the inner map's d = E ⊛ e_b (3×3 conv), its target, ΔW of conv1 (through
+    bn1 only), ΔE = −γ d e_bᵀ as the conv kernel's gradient, and conv2 learning from e_b alone."""
+    module = build_net(small_cfg, RESNET)
+    x, y = res_batch()
+    layers = module.forward_layers(x)
+    errors, _, _, _ = module.error_units(layers, y)
+    surrogate, _, _ = module.objective(x, y)
+    surrogate.backward()
+    a, B = module.cfg.algorithm, x.shape[0]
+    beta, gamma = float(a.beta), float(a.error_gamma)
+    name, blk = module.regions.blocks[1]  # layer1.1: regions 4 (act1) and 5 (act2)
+    i1, i2 = 4, 5
+    assert module.regions.names[i1 - 1] == f"{name}.act1" and module.source[i1] == i2
+    K = module.error_synapses[f"{i2}_to_{i1}"]
+    assert K.shape == (64, 64, 3, 3)
+    x_b, h1, z1 = layers[i1 - 1]
+    with torch.no_grad():
+        d = F.conv2d(errors[i2], K, padding=1)
+        e1 = z1 - torch.relu(h1 - beta * d)
+    assert torch.allclose(errors[i1], e1, atol=1e-5)
+    # ΔE: ⟨−γ d, K ⊛ e_b⟩/B differentiated in K
+    Kc = K.detach().clone().requires_grad_(True)
+    (dK,) = torch.autograd.grad((-gamma * d * F.conv2d(errors[i2], Kc, padding=1)).sum() / B, Kc)
+    assert torch.allclose(K.grad, dK, atol=1e-6) and dK.abs().max() > 0
+    # conv1/bn1 from e_{act1}; conv2/bn2 from e_{act2}, on detached inputs
+    (g1,) = torch.autograd.grad(blk.bn1(blk.conv1(x_b.detach())), [blk.conv1.weight], grad_outputs=e1 / B)
+    assert torch.allclose(blk.conv1.weight.grad, g1, atol=1e-5)
+    (g2,) = torch.autograd.grad(blk.bn2(blk.conv2(z1.detach())) + x_b.detach(), [blk.conv2.weight],
+                                grad_outputs=errors[i2] / B)
+    assert torch.allclose(blk.conv2.weight.grad, g2, atol=1e-5)
+
+
+def test_pseudo_conv_update_is_the_papers_delta_w(small_cfg):
+    """pResNet under rec-LRA: each pseudo-conv's combination weights get Δw^m = Σ e·φ_r(z^m + n^m)
+    (PseudoConv2d.local_update, the paper's §3.3 formula) with e the error at the pseudo-conv's
+    output, averaged over the batch; the fixed noise maps get nothing."""
+    module = build_net(small_cfg, ["model.name=presnet18", "model.masks=4"])
+    x, y = res_batch()
+    layers = module.forward_layers(x)
+    errors, _, _, _ = module.error_units(layers, y)
+    surrogate, _, _ = module.objective(x, y)
+    surrogate.backward()
+    B = x.shape[0]
+    for k, (name, blk) in enumerate(module.regions.blocks[:3]):
+        i1 = 2 + 2 * k  # the block's inner region (act1): h = drop_block(bn1(conv1(x_b)))
+        assert module.regions.names[i1 - 1] == f"{name}.act1"
+        x_b = layers[i1 - 1][0].detach()
+        out = blk.conv1(x_b).detach().requires_grad_(True)
+        (e_out,) = torch.autograd.grad(blk.bn1(out), out, grad_outputs=errors[i1])  # e at the pseudo-conv output
+        delta = type(blk.conv1).local_update(e_out, blk.conv1.perturbed(x_b)) / B
+        assert torch.allclose(blk.conv1.combine.weight.grad, delta, atol=1e-5), name
+        assert delta.abs().max() > 0
+    assert all(b.grad is None for b in module.model.buffers())
+
+
+@pytest.mark.parametrize("update", ["rlra", "local_bp"])
+def test_probe_reports_update_angle_for_every_resnet_weight(small_cfg, update):
+    module = build_net(small_cfg, RESNET, f"algorithm.block_update={update}", "probe.signals=true")
+    x, y = res_batch()
+    surrogate, _, _ = module.probed_objective(x, y)
+    surrogate.backward()
+    values = AlignmentProbe().measure(SimpleNamespace(world_size=1), module)
+    weights = [n.removesuffix(".weight") for n, p in module.model.named_parameters() if p.ndim >= 2]
+    assert len(weights) == 21  # stem, 16 block convs, 3 projections, fc
+    updates = {k.removeprefix("align/update/"): v for k, v in values.items() if k.startswith("align/update/")}
+    assert sorted(updates) == sorted(weights)
+    assert all(0.0 <= v <= 180.0 for v in updates.values())
+    assert updates["net.fc"] < 1e-3  # the output layer's update is backprop's
+    signals = {k for k in values if k.startswith("align/signal/")}
+    # signal angles where the regions' units are the micro points (block_update=rlra): all 17
+    assert len(signals) == (17 if update == "rlra" else 0)
