@@ -119,8 +119,9 @@ class EquilibriumPropagation(AlgorithmModule):
         self.beta, self.epsilon = float(a.beta), float(a.epsilon)
         self.n_free, self.n_nudged = int(a.n_free), int(a.n_nudged)
         self.random_sign = bool(a.random_sign)
-        # Not the global RNG: Lightning's DDP setup draws from it differently than a single process
-        # does, and a resumed run must continue the stream (bench/feedback/noise.py).
+        # Not the global RNG: its state after Lightning's setup differs between a DDP run and a
+        # single-process one (tests/test_ddp.py failed with it), and a resumed run must continue
+        # the stream (bench/feedback/noise.py).
         self.sign_stream = SharedNoise(int(self.cfg.seed) + self.SIGN_SEED_OFFSET)
         if self.beta == 0.0:
             raise ConfigError("algorithm.beta: must be nonzero (the update divides by β), got 0")
