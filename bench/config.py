@@ -129,8 +129,10 @@ def budget_names() -> list[str]:
     return group_choices("budget")
 
 
-def table_budget(table: DictConfig, budget: str, row: DictConfig | None = None) -> tuple[list[DictConfig], dict]:
-    """The layers a budget adds to a run, and its scalars (seeds, epochs) after table deltas."""
+def table_budget(table: DictConfig, budget: str, row: DictConfig | None = None,
+                 column: DictConfig | None = None) -> tuple[list[DictConfig], dict]:
+    """The layers a budget adds to a run, and its scalars (seeds, epochs) after table deltas
+    (a column's ``budgets`` block, e.g. a stand-in dataset for that column only, comes last)."""
     if budget not in budget_names():
         raise ConfigError(f"unknown budget {budget!r}; valid choices: {', '.join(budget_names())}")
     layers, scalars = [], {}
@@ -139,6 +141,8 @@ def table_budget(table: DictConfig, budget: str, row: DictConfig | None = None) 
         blocks.append(((table.get("budgets") or {}).get(budget), f"table {table.id} budgets.{budget}"))
         if row is not None:
             blocks.append(((row.get("budgets") or {}).get(budget), f"row budgets.{budget}"))
+        if column is not None:
+            blocks.append(((column.get("budgets") or {}).get(budget), f"column budgets.{budget}"))
     for block, where in blocks:
         layer, sc = budget_layer(block, where)
         layers.append(layer)
@@ -247,12 +251,12 @@ def compose(table: str | None = None, row: str | None = None, column: str | None
         layers += [
             (f"table {table} common", table_cfg.get("common")),
             (f"table {table} row {row!r}", row_sections(row_cfg)),
-            (f"table {table} column {column!r}", table_cfg.columns[column]),
+            (f"table {table} column {column!r}", row_sections(table_cfg.columns[column])),
         ]
     elif row is not None or column is not None:
         raise ConfigError("row=/column= need table=")
     if budget is not None:
-        budget_layers, _ = table_budget(table_cfg, budget, row_cfg)
+        budget_layers, _ = table_budget(table_cfg, budget, row_cfg, table_cfg.columns[column] if table_cfg else None)
         layers += [(f"budget {budget}", layer) for layer in budget_layers]
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
