@@ -260,6 +260,53 @@ def test_bad_settings_fail_with_one_line():
     assert DATASETS.names() == ["cifar10", "cifar100", "fmnist", "imagenet", "mnist", "synthetic"]
 
 
+
+def test_cifar10_crop_trains_on_random_24x24_windows_and_evaluates_on_the_centre(tmp_path):
+    # sfa Table 2, CIFAR-10 Model 1: 24×24×3 random crops; evaluation on the centre crop
+    written = write_cifar(tmp_path, {f"data_batch_{i}": 6 for i in range(1, 6)} | {"test_batch": 5},
+                          "labels", ("batches.meta", "label_names", 10))
+    dm = loaded(name="cifar10", root=str(tmp_path), verify=False, crop=24)
+    assert dm.input_shape == (3, 24, 24)
+    full = expected_images(*(written[f"data_batch_{i}"][0] for i in range(1, 6)))
+    x, _ = collect(dm.test_dataloader())
+    assert x.shape == (5, 3, 24, 24) and torch.equal(x, expected_images(written["test_batch"][0])[..., 4:28, 4:28])
+    x, _ = collect(dm.train_eval_dataloader())
+    assert torch.equal(x, full[..., 4:28, 4:28])
+    # every 24×24 window of every image: (image, top·9 + left, pixels)
+    windows = full.unfold(2, 24, 1).unfold(3, 24, 1).permute(0, 2, 3, 1, 4, 5).reshape(len(full), 81, -1)
+    offsets = []
+    for epoch in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=epoch)
+        for xb, yb in dm.train_dataloader():
+            assert xb.shape == (4, 3, 24, 24)
+            for crop in xb:  # each crop is exactly one 24×24 window of one training image
+                hits = (windows == crop.reshape(1, 1, -1)).all(-1).nonzero().tolist()
+                assert len(hits) == 1, hits
+                offsets.append(divmod(hits[0][1], 9))  # (top, left)
+    assert len(set(offsets)) > 20  # 56 crops over 81 possible offsets: about 40 distinct
+    with pytest.raises(ValueError, match=r"data.crop=40 must lie in \[1, 32\]"):
+        loaded(name="cifar10", root=str(tmp_path), verify=False, crop=40)
+
+
+def test_crops_under_two_ranks_at_batch_b_equal_one_rank_at_2b():
+    from bench.data.crop import CropLoader
+
+    n, b = 43, 4
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+
+    def batches(batch_size, rank=0, world_size=1, epoch=0):
+        return list(CropLoader(x, torch.arange(n), batch_size, rank=rank, world_size=world_size, train=True,
+                               seed=7, epoch=lambda: epoch, augment=True, size=24))
+
+    for epoch in (0, 1):
+        single = batches(2 * b, epoch=epoch)
+        ranks = [batches(b, rank=r, world_size=2, epoch=epoch) for r in (0, 1)]
+        assert len(single) == len(ranks[0]) == n // (2 * b)
+        for (xs, ys), (x0, y0), (x1, y1) in zip(single, *ranks):
+            assert xs.shape[-2:] == (24, 24)
+            assert torch.equal(ys, torch.cat([y0, y1])) and torch.equal(xs, torch.cat([x0, x1]))
+
+
 # ---- loader: order, sharding, augmentation -------------------------------------------------
 
 def epoch_batches(n, batch_size, rank=0, world_size=1, epoch=0, train=True, augment=False):
