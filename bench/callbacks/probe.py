@@ -122,8 +122,8 @@ class AlignmentProbe(Callback):
         """Mean of every probe quantity over the probes taken in ``epoch`` (the metrics.csv row);
         for the cumulative sign-flip fractions, the epoch's last value."""
         rows = [r for r in self.records if r["epoch"] == epoch]
-        keys = {k for r in rows for k in r if k.startswith("align/")}
-        means = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
+        keys = dict.fromkeys(k for r in rows for k in r if k.startswith("align/"))  # forward order, as probed
+        means = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
         for r in rows:  # records are in step order: the last one wins
             means.update({k: v for k, v in r.items() if k.startswith("signs/")})
         return means

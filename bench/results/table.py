@@ -119,7 +119,7 @@ def lookup(summary: dict, field_key: str):
     values = {**summary.get("last_epoch", {}), **summary.get("final", {})}
     if "@" in field_key:
         prefix, index = field_key.split("@")
-        keys = sorted((k for k in values if k.startswith(prefix) and "/" not in k[len(prefix):]), key=natural_key)
+        keys = forward_order([k for k in values if k.startswith(prefix) and "/" not in k[len(prefix):]])
         position = int(index) if index != "last" else -1
         if not keys or (position >= len(keys)):
             return None
@@ -229,6 +229,13 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def forward_order(keys: list[str]) -> list[str]:
+    """Per-layer keys in the model's forward order. Runs record them in forward order (the
+    probe's order: ``classifier`` after ``hidden.0.fc``); older summaries hold them sorted as
+    strings, which only a natural sort ('net.11' after 'net.3') can put back in order."""
+    return sorted(keys, key=natural_key) if keys == sorted(keys) else list(keys)
+
+
 def diagnostics_section(cells: list[Cell]) -> list[str]:
     """Time, memory and last-epoch alignment of every finished run (seed 0): the *why* beside the *what*."""
     runs = [c for c in cells if c.status == "finished" and c.seed == 0]
@@ -240,7 +247,15 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for c in runs:
         t, last = c.summary.get("time", {}), c.summary.get("last_epoch", {})
-        layers = sorted((k for k, v in last.items() if k.startswith("align/update/") and v not in ("", None)), key=natural_key)
+        layers = forward_order([k for k, v in last.items() if k.startswith("align/update/") and v not in ("", None)])
+        if c.cfg is not None:  # the run's probe.csv header is the model's forward order, whatever the names
+            from bench.config import run_name
+
+            probe = Path(c.cfg.output.root) / run_name(c.cfg) / "probe.csv"
+            if probe.exists():
+                with open(probe) as f:
+                    header = f.readline().strip().split(",")
+                layers = sorted(layers, key=lambda k: header.index(k) if k in header else len(header))
         angles = [f"{float(last[k]):.1f}" for k in layers]
         lines.append(f"| {c.row} | {c.column} | {_fmt(t.get('epoch_s_mean'))} | {_fmt(t.get('step_median_ms'), 3)} | "
                      f"{_fmt(c.summary.get('memory', {}).get('peak_mb'), 0)} | {' / '.join(angles) or '–'} |")
