@@ -31,9 +31,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         dotlist.append("output.wandb=online")
     # Validate before importing Lightning, so a typo costs a second, not ten.
     cfg = compose(run.get("table"), run.get("row"), run.get("column"), run.get("budget"), dotlist)
-    check_writable(Path(cfg.output.root) / run_name(cfg), "run folder")
     from bench.data import DataUnavailable
-    from bench.train import run_dir_for, train
+    from bench.train import check_runtime, run_dir_for, train
+
+    check_runtime(cfg)
+    check_writable(Path(cfg.output.root) / run_name(cfg), "run folder")
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -115,7 +117,11 @@ def select_rows(table, cells, rows: list[str] | None):
 
 
 def check_folders(cells, results: str) -> None:
-    """Every folder a table run writes, checked before its first run starts."""
+    """Every folder a table run writes, and the runs' trainer settings, checked before the first run starts."""
+    from bench.train import check_runtime
+
+    for cfg in {id(c.cfg): c.cfg for c in cells if c.cfg is not None}.values():
+        check_runtime(cfg)
     for root in sorted({Path(c.cfg.output.root) for c in cells if c.cfg is not None}):
         check_writable(root, "run folder root")
     check_writable(Path(results), "results folder")
@@ -317,9 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    # W&B agents may pass --key=value (${args}); `run` takes those as overrides like key=value.
-    if unknown and args.command == "run" and all(u.startswith("--") and "=" in u for u in unknown):
-        args.overrides = [*args.overrides, *unknown]
+    # argparse leaves key=value overrides typed after an option (`sweep ID --local a.b=1`) unparsed;
+    # they are overrides all the same. W&B agents may pass --key=value (${args}) to `run`.
+    def override(u: str) -> bool:
+        return "=" in u and (not u.startswith("-") or (args.command == "run" and u.startswith("--")))
+
+    if unknown and hasattr(args, "overrides") and all(override(u) for u in unknown):
+        args.overrides = [*(args.overrides or []), *unknown]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

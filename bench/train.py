@@ -47,6 +47,33 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+OUTPUT_CHOICES = {"wandb": ("online", "offline", "disabled"), "progress": ("auto", "rich", "none")}
+
+
+def check_runtime(cfg: DictConfig) -> None:
+    """One ConfigError line for a trainer or output value Lightning or W&B would reject mid-run."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    t = cfg.trainer
+    choices = {
+        "trainer.accelerator": ("auto", *sorted(AcceleratorRegistry.available_accelerators()), "gpu"),
+        "trainer.strategy": ("auto", *StrategyRegistry.available_strategies()),
+        "trainer.precision": typing.get_args(_PRECISION_INPUT_STR) + typing.get_args(_PRECISION_INPUT_STR_ALIAS),
+        **{f"output.{k}": v for k, v in OUTPUT_CHOICES.items()},
+    }
+    for key, valid in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if str(value) not in valid:
+            raise ConfigError(f"{key}={value!r} is not valid; valid choices: {', '.join(valid)}")
+    for key in ("devices", "num_nodes"):
+        if int(t[key]) < 1 and not (key == "devices" and int(t[key]) == -1):
+            raise ConfigError(f"trainer.{key}={t[key]} is not valid; a positive count" + (" or -1 (all)" if key == "devices" else ""))
+
+
 def run_dir_for(cfg: DictConfig) -> Path:
     return Path(cfg.output.root) / run_name(cfg)
 
@@ -115,6 +142,7 @@ def check_same_config(run_dir: Path, cfg: DictConfig) -> None:
 def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool = True) -> dict:
     """Train (or resume, or skip) one run and return its summary."""
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+    check_runtime(cfg)
     check_same_config(run_dir, cfg)
     summary = read_summary(run_dir)
     if summary and summary["status"] in ("finished", "diverged"):

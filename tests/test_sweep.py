@@ -248,3 +248,20 @@ def test_unknown_rows_are_refused_and_rows_select_by_slug(tmp_path, sweep_config
     # the rendered table still lists every row
     md = (results / f"{TABLE_ID}.md").read_text()
     assert "| BP |" in md and "| FA |" in md
+
+
+@pytest.mark.parametrize("override, message", [
+    ("output.wandb=onlin", "output.wandb='onlin' is not valid; valid choices: online, offline, disabled"),
+    ("trainer.precision=bf17", "trainer.precision='bf17' is not valid; valid choices: "),
+    ("trainer.strategy=dpp", "trainer.strategy='dpp' is not valid; valid choices: auto, ddp"),
+    ("trainer.devices=0", "trainer.devices=0 is not valid"),
+])
+def test_a_bad_trainer_or_output_value_fails_before_any_run(override, message, tmp_path, sweep_configs, capsys):
+    for argv in (["run", f"table={TABLE_ID}", "row=bp", "column=three", "budget=tiny", f"output.root={tmp_path}/runs", override],
+                 ["sweep", TABLE_ID, "--local", "--budget", "tiny", "--output-root", str(tmp_path / "runs"),
+                  "--results", str(tmp_path / "results"), override]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert written_files(tmp_path) == []
