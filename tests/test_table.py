@@ -150,3 +150,16 @@ def test_table_figure_has_one_line_per_column_and_the_measured_points(tmp_path):
     assert lines == [2, 2]  # two panels (series), one line per column in each
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 100 and image.shape[1] > 200 and image.std() > 0.01
+
+
+def test_per_layer_keys_are_read_in_forward_order():
+    """'@k' and the diagnostics follow the model's forward order: the probe records it
+    (classifier after hidden.0.fc); string-sorted older summaries get a natural sort back."""
+    from bench.results.table import forward_order, lookup
+
+    recorded = ["align/update/features.0.conv", "align/update/hidden.0.fc", "align/update/classifier"]
+    assert forward_order(recorded) == recorded
+    legacy = sorted(f"align/update/net.{i}" for i in (1, 3, 5, 7, 9, 11))  # net.11 before net.3
+    assert forward_order(legacy) == [f"align/update/net.{i}" for i in (1, 3, 5, 7, 9, 11)]
+    summary = {"last_epoch": {k: float(i) for i, k in enumerate(recorded)}}
+    assert lookup(summary, "align/update/@0") == 0.0 and lookup(summary, "align/update/@last") == 2.0

@@ -300,9 +300,10 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
     for c in cells:
         if c.cfg is not None:
             x_of[c.row] = float(OmegaConf.select(c.cfg, str(spec.x)))
-    for row in table.rows:  # computed tables have no cells: x is a value the row sets
-        if row not in x_of and OmegaConf.select(table.rows[row], str(spec.x), default=None) is not None:
-            x_of[row] = float(OmegaConf.select(table.rows[row], str(spec.x)))
+    rows = table.get("rows") or {}
+    for row in rows:  # computed tables have no cells: x is a value the row sets
+        if row not in x_of and OmegaConf.select(rows[row], str(spec.x), default=None) is not None:
+            x_of[row] = float(OmegaConf.select(rows[row], str(spec.x)))
     series = list(spec.series)
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
     for ax, name in zip(axes[0], series):
