@@ -232,3 +232,32 @@ def test_sfa_trained_figures_compose(table_id):
     if table_id == "sfa-fig5":
         assert sorted(float(table.rows[r].algorithm.ei_fraction) for r in table.rows)[-1] == 1.0
         assert compose(table_id, "0.05", "mnist", "smoke").probe.sign_flips is True
+
+
+def test_probe_checkpoints_the_sign_flip_masks():
+    """A resumed run keeps counting flips against the *initial* signs: the probe's state carries
+    the masks, and the tracker built at train start on the resumed weights takes them over."""
+    from types import SimpleNamespace
+
+    from bench.callbacks.probe import AlignmentProbe
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    module = SimpleNamespace(model=model, cfg=OmegaConf.create({"probe": {"sign_flips": True}}))
+    probe = AlignmentProbe()
+    probe.on_train_start(None, module)
+    with torch.no_grad():
+        model[0].weight.view(-1)[:3] *= -1.0  # 3 of 12 + 8 weights flip
+    probe.on_train_batch_end(None, module, None, None, 0)
+    state = probe.state_dict()
+    assert state["sign_flips"]["names"] == ["0", "1"]
+
+    resumed = AlignmentProbe()
+    resumed.load_state_dict(state)
+    with torch.no_grad():
+        model[0].weight.view(-1)[:3] *= -1.0  # back to the initial signs before the resume
+    resumed.on_train_start(None, module)
+    assert resumed.sign_flips.fractions() == pytest.approx({"signs/flipped/0": 3 / 12, "signs/flipped/1": 0.0,
+                                                            "signs/flipped_all": 3 / 20})
+    off = AlignmentProbe()
+    off.on_train_start(None, SimpleNamespace(model=model, cfg=OmegaConf.create({"probe": {"sign_flips": False}})))
+    assert off.sign_flips is None and "sign_flips" not in off.state_dict()
