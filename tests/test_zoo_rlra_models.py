@@ -329,3 +329,28 @@ def test_cifar10_gcn_zca_loader_on_pickle_batches(tmp_path, monkeypatch):
     again.setup("fit")
     torch.testing.assert_close(again.train[0], dm.train[0], rtol=0, atol=0)
     assert isinstance(again, whitening.WhitenedDataModule) and again.preprocessing == "gcn_zca"
+
+
+def test_fa_locally_connected_sends_the_error_through_fixed_feedback():
+    """FA twin of an LC layer: δx = fold(B_lᵀ δz_l) (the input gradient of an LC layer whose weights
+    are B), ΔW and Δb exactly backprop's; use_feedback=False is backprop."""
+    from bench.models.locally_connected import LocallyConnected2d, fa_locally_connected
+
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(2, 3, (5, 5), 3, stride=2, padding=1)
+    feedback = torch.randn_like(layer.weight)
+    fa = fa_locally_connected(layer, feedback)
+    assert fa.weight is layer.weight and [n for n, _ in fa.named_parameters()] == ["weight", "bias"]
+    x, delta = torch.randn(4, 2, 5, 5, requires_grad=True), torch.randn(4, 3, 3, 3)
+    torch.testing.assert_close(fa(x), layer(x))
+    gx, gw, gb = torch.autograd.grad((fa(x) * delta).sum(), (x, fa.weight, fa.bias))
+    bx, bw, bb = torch.autograd.grad((layer(x) * delta).sum(), (x, layer.weight, layer.bias))
+    shadow = LocallyConnected2d(2, 3, (5, 5), 3, stride=2, padding=1)
+    with torch.no_grad():
+        shadow.weight.copy_(feedback)
+    (expected_x,) = torch.autograd.grad((shadow(x) * delta).sum(), x)
+    torch.testing.assert_close(gx, expected_x)
+    torch.testing.assert_close(gw, bw) and torch.testing.assert_close(gb, bb)
+    assert (gx - bx).abs().amax() > 1e-2
+    fa.use_feedback = False
+    torch.testing.assert_close(torch.autograd.grad((fa(x) * delta).sum(), x)[0], bx)

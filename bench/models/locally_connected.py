@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.feedback.replaced import FeedbackLayer
 from bench.models.activations import make_activation
 from bench.models.base import MODELS, ZooModel
 from bench.models.cnn import _per_layer
@@ -109,6 +110,49 @@ class LocallyConnected2d(nn.Module):
                 f"stride={self.stride}, padding={self.padding}, out_size={self.out_size}, bias={self.bias is not None}")
 
 
+class _FALocallyConnectedFn(torch.autograd.Function):
+    """Forward: the LC layer. Backward: δp_l = B_lᵀ δz_l folded back onto the input (B where
+    backprop uses W, Lillicrap et al. 2016 FA), ΔW_l = δz_l p_lᵀ and Δb the ordinary gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, derive, layer):
+        ctx.save_for_backward(x, feedback)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        ctx.derive = (derive, weight) if derive is not None else None
+        return LocallyConnected2d.forward(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feedback = ctx.saved_tensors
+        layer = ctx.layer
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad_out.flatten(2).permute(2, 1, 0)  # (L, C_out, B)
+        grad_x = grad_w = grad_b = None
+        if need_w:
+            grad_w = LocallyConnected2d.local_update(grad_out, layer.patches(x))
+        if need_x:
+            if ctx.derive is not None:
+                ctx.derive[0](ctx.derive[1], feedback)
+            patch_grad = torch.bmm(feedback.transpose(1, 2), grad).permute(2, 1, 0)  # (B, K, L)
+            grad_x = F.fold(patch_grad, layer.in_size, layer.kernel_size, padding=layer.padding, stride=layer.stride)
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def fa_locally_connected(layer: LocallyConnected2d, feedback: torch.Tensor) -> "FALocallyConnected2d":
+    """The FA twin of ``layer`` sharing its Parameters, with fixed feedback ``B`` (shaped like
+    ``weight``) — what ``bench.feedback.replaced.convert_to_feedback`` does for Linear/Conv2d."""
+    new = FALocallyConnected2d.__new__(FALocallyConnected2d)
+    nn.Module.__init__(new)
+    for key in ("in_channels", "out_channels", "in_size", "kernel_size", "stride", "padding", "out_size"):
+        setattr(new, key, getattr(layer, key))
+    new.weight, new.bias = layer.weight, layer.bias
+    new.register_buffer("feedback", feedback.to(layer.weight.dtype).to(layer.weight.device))
+    new.train(layer.training)
+    return new
+
+
 def init_lc(layer: LocallyConnected2d, init: str, sigma: float) -> None:
     """The zoo's ``init`` names (``init_linear``) on an LC layer: fan-in C_in·k·k per position."""
     if init == "default":
@@ -126,6 +170,16 @@ def init_lc(layer: LocallyConnected2d, init: str, sigma: float) -> None:
         raise ValueError(f"unknown init {init!r}; valid choices: default, gaussian, xavier, kaiming, lecun")
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
+
+
+class FALocallyConnected2d(LocallyConnected2d, FeedbackLayer):
+    """LC layer whose backward sends δ through the fixed ``feedback`` B instead of W (FA);
+    ``use_feedback = False`` is plain backprop (the alignment probe's reference)."""
+
+    def forward(self, x):
+        if self.use_feedback:
+            return _FALocallyConnectedFn.apply(x, self.weight, self.bias, self.feedback, self.derive, self)
+        return super().forward(x)
 
 
 @MODELS.register("lcnet")
@@ -175,4 +229,4 @@ class LCNet(ZooModel):
         return self.classifier(self.flatten(self.features(x)))
 
 
-__all__ = ["LocallyConnected2d", "LCNet", "init_lc"]
+__all__ = ["FALocallyConnected2d", "LocallyConnected2d", "LCNet", "fa_locally_connected", "init_lc"]
