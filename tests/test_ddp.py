@@ -24,7 +24,7 @@ from conftest import load_state, run_dirs
 
 COMMON = [
     "data.name=synthetic", "data.shape=[20]", "data.num_classes=4", "data.n_train=400", "data.n_test=40",
-    "data.val_size=0", "data.eval_batch_size=40", "model.depth=2", "model.width=16",
+    "data.val_size=0", "data.eval_batch_size=40",
     "algorithm.optimizer=sgd", "algorithm.lr=0.1", "trainer.max_steps=3", "probe.every=0",
     "output.progress=none", "output.wandb=disabled",
 ]
@@ -33,12 +33,19 @@ RULE_OVERRIDES: dict[str, list[str]] = {  # rule → extra overrides it needs on
     # would move < 1e-4 in 3 steps); a larger displacement makes the movement check meaningful.
     "rlra": ["algorithm.beta=1.0", "algorithm.error_sigma=0.3"],
     "lra_e": ["algorithm.beta=1.0", "algorithm.error_sigma=0.3"],
+    # rule@variant: DFA with macro points, i.e. local BP inside each conv block (conv → tanh →
+    # avg-pool) of a small CNN; the MLP's macro points are its micro points.
+    "dfa@macro": ["algorithm.granularity=macro", "model.name=cnn", "data.shape=[1,6,6]", "model.channels=[3,4]",
+                  "model.kernel=3", "model.pool=avg", "model.hidden=[8]"],
 }
-RULES_UNDER_TEST = RULES.names()
+MLP = ["model.depth=2", "model.width=16"]  # the toy model, unless an entry names its own
+RULES_UNDER_TEST = [*RULES.names(), *(r for r in RULE_OVERRIDES if "@" in r)]
 
 
 def rule_config(rule: str, *extra: str):
-    return compose(overrides=[*COMMON, f"algorithm.name={rule}", *RULE_OVERRIDES.get(rule, []), *extra])
+    overrides = RULE_OVERRIDES.get(rule, [])
+    model = [] if any(o.startswith("model.name=") for o in overrides) else MLP
+    return compose(overrides=[*COMMON, *model, f"algorithm.name={rule.split('@')[0]}", *overrides, *extra])
 
 
 def _ddp_worker(rank: int, port: int, root: str, rules: list[str]) -> None:
@@ -65,14 +72,17 @@ def ddp_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def init_weights(tmp_path_factory):
-    """The weights every run starts from: a bp run with lr = 0 (same seed, same model)."""
+def initial_weights(rule: str, root) -> dict[str, torch.Tensor]:
+    """The weights a rule's runs start from: its config with lr = 0 (same seed, same model)."""
     from bench.train import train
 
-    root = tmp_path_factory.mktemp("init")
-    train(rule_config("bp", "algorithm.lr=0.0", "trainer.max_steps=1", "data.batch_size=16", f"output.root={root}"))
+    train(rule_config(rule, "algorithm.lr=0.0", "trainer.max_steps=1", "data.batch_size=16", f"output.root={root}"))
     return model_tensors(load_state(run_dirs(root)[0]))
+
+
+@pytest.fixture(scope="module")
+def init_weights(tmp_path_factory):
+    return initial_weights("bp", tmp_path_factory.mktemp("init"))
 
 
 def model_tensors(state: dict) -> dict[str, torch.Tensor]:
@@ -97,7 +107,8 @@ def test_ddp_two_processes_equal_one_process_double_batch(rule, tmp_path, ddp_ro
         diff = (ddp[key] - one[key]).abs().max().item()
         assert diff < 1e-6, f"{rule}: {key} differs by {diff:.3g}"
     # the comparison means something only if training moved every weight well beyond 1e-6
-    for key, w0 in init_weights.items():
+    init = init_weights if init_weights.keys() == one.keys() else initial_weights(rule, tmp_path / "init")
+    for key, w0 in init.items():
         if key.endswith("weight"):
             moved = (one[key] - w0).abs().max().item()
             assert moved > 1e-4, f"{rule}: {key} moved only {moved:.3g}"
