@@ -316,3 +316,17 @@ def test_inverses_are_optimizer_parameters_and_bad_options_fail(small_cfg):
                        ("algorithm.noise=-1.0", "noise must be")):
         with pytest.raises(ValueError, match=match):
             build(small_cfg, "dtp", 2, bad)
+
+
+def test_inverse_training_leaves_batchnorm_statistics_alone(small_cfg):
+    """The noisy f_ℓ(z + ε) of the inverse loss is not data: BatchNorm's running statistics after a
+    step are those of one plain forward pass of the batch."""
+    rule, _ = build(small_cfg, "dtp", 3, "model.batchnorm=true")
+    plain, _ = build(small_cfg, "dtp", 3, "model.batchnorm=true")
+    x, y = batch(8)
+    rule.objective(x, y)
+    plain.model(x)
+    buffers = dict(plain.model.named_buffers())
+    assert any(k.endswith("running_mean") for k in buffers)
+    for name, buf in rule.model.named_buffers():
+        assert torch.equal(buf, buffers[name]), name

@@ -3,8 +3,10 @@
 Lee, Zhang, Fischer & Bengio, *Difference target propagation*, ECML-PKDD 2015 (Algorithm 1; the
 authors' code ``conti_dtp.py``), and Bartunov, Santoro, Richards, Marris, Hinton & Lillicrap,
 *Assessing the scalability of biologically-motivated deep learning algorithms and architectures*,
-NeurIPS 2018 (§2.1.2, Eq. 2, Algorithm 1). rlra Tables 1, 2 and 5 quote their "TP" rows from
-Bartunov et al.'s DTP (file 000 in the papers folder, refs. [5], [30], [41]).
+NeurIPS 2018 (§2.1.2, Eq. 2, Algorithm 1). The rlra paper (file 000) quotes its "TP" rows from
+Bartunov et al. (ref. [5]): Table 2's 28.69/39.47 and Table 5's 98.34/94.56 are their
+"DTP, parallel" (CIFAR locally connected; ImageNet); Table 1's MNIST 0.00/1.86 is their 5×256
+"AO-SDTP, alternating" cell, its FMNIST cell comes from Ororbia & Mali 2019 (ref. [41]).
 
 For an MLP z_ℓ = f_ℓ(z_{ℓ-1}) = φ(W_ℓ z_{ℓ-1} + b_ℓ) (ℓ = 1…L−1, z_0 = x) with logits
 h_L = W_L z_{L-1} + b_L, each layer ℓ ≥ 2 up to the top target layer T owns a learned inverse
