@@ -272,6 +272,51 @@ def test_weight_mirrors_teach_B_the_forward_weights_linear_and_conv(small_cfg):
         assert 0.8 < ratio < 1.3, (n, ratio)  # B → W itself, not only its direction (unbiased estimate)
 
 
+
+def test_weight_mirror_step_equals_hand_computation(small_cfg):
+    # One mirror phase on the 2-layer net: B ← (1 − α)B + α·(W x)ᵀx/n, x ~ N(0, I) from the rule's
+    # own stream (seed + 104729), drawn layer by layer in module order.
+    module = build(small_cfg, "wm", "algorithm.mirror_rate=0.25", "algorithm.mirror_batch=5", shape=(3,), classes=2)
+    layers = list(module.layers.values())
+    B0 = [l.feedback.detach().clone() for l in layers]
+    gen = torch.Generator().manual_seed(int(module.cfg.seed) + 104729)
+    expected = []
+    for l, b in zip(layers, B0):
+        x = torch.randn(5, l.weight.shape[1], generator=gen)
+        expected.append(0.75 * b + 0.25 * (x @ l.weight.detach().T).T @ x / 5)
+    module.mirror()
+    for l, e, b in zip(layers, expected, B0):
+        assert torch.allclose(l.feedback, e, atol=1e-6) and not torch.allclose(l.feedback, b, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- initialisation (sfa §5.1)
+
+def test_initialisation_options_have_their_variances():
+    from bench.feedback.init import feedback_tensor
+    from bench.models.cnn import init_layer
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(300, 500), (64, 32, 5, 5)]:  # Linear (out, in) and Conv (out, in, k, k)
+        receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+        n_out, n_in = shape[0] * receptive, shape[1] * receptive
+        expected = {"kaiming": 1.0 / n_out,                  # feedback variance 1/n_out (sfa §5.1)
+                    "xavier": 2.0 / (n_in + n_out),          # Glorot
+                    "gaussian": 0.05 ** 2, "uniform": 0.05 ** 2}
+        for init, var in expected.items():
+            b = feedback_tensor(shape, init, 0.05, gen)
+            assert b.shape == shape and abs(float(b.var()) / var - 1) < 0.03, (shape, init, float(b.var()), var)
+            assert abs(float(b.mean())) < 4 * math.sqrt(var / b.numel())
+        assert float(feedback_tensor(shape, "uniform", 0.05, gen).abs().max()) <= math.sqrt(3) * 0.05
+        layer = torch.nn.Linear(shape[1], shape[0]) if len(shape) == 2 else torch.nn.Conv2d(shape[1], shape[0], shape[2])
+        forward = {"lecun": 1.0 / n_in,                      # forward variance 1/n_in (sfa §5.1)
+                   "xavier": 2.0 / (n_in + n_out), "gaussian": 0.05 ** 2}
+        for init, var in forward.items():
+            torch.manual_seed(1)
+            init_layer(layer, init, 0.05)
+            assert abs(float(layer.weight.var()) / var - 1) < 0.03, (shape, init)
+            assert float(layer.bias.abs().max()) == 0.0
+
+
 # ----------------------------------------------------------------------------- through Lightning
 
 def test_kp_through_lightning_probe_reads_B_and_B_reaches_W(small_cfg, tmp_path):
