@@ -114,7 +114,17 @@ def test_presnet18_forward_and_one_bp_step(masks):
     assert all(modules[c].combine.weight.grad is not None for c in convs)
     opt.step()
     assert all(torch.equal(b, noise[n]) for n, b in model.named_buffers() if n in noise)
-    assert torch.isfinite(F.cross_entropy(model(x), y))
+    if masks == 64:
+        from bench.models.base import count_params
+
+        assert torch.isfinite(F.cross_entropy(model(x), y))
+        widths = [64, 128, 256, 512]
+        # 1×1 combinations: conv1 (C_in → C) and conv2 (C → C) of both blocks of every stage
+        combine = sum(cin * c + 3 * c * c for cin, c in zip([64, *widths[:-1]], widths))
+        assert sum(p.numel() for n, p in model.named_parameters() if ".combine." in n) == combine == 1_220_608
+        stem, bns = 3 * 64 * 9 + 2 * 64, sum(2 * 2 * 2 * c for c in widths)
+        shortcuts = sum(cin * c + 2 * c for cin, c in zip(widths[:-1], widths[1:]))
+        assert count_params(model) == combine + stem + bns + shortcuts + (512 * 10 + 10) == 1_409_098
 
 
 def test_presnet18_points_are_timm_resnet18s():
