@@ -178,7 +178,7 @@ FIG5 = {
                "algorithm": {"name": "usf_init", "optimizer": "sgd", "lr": 0.5, "ei": True},
                "probe": {"every": 1, "sign_flips": True}, "output": {"progress": "none"}},
     "rows": {"at init": {"algorithm": {"ei_fraction": 0.0}}, "never": {"algorithm": {"ei_fraction": 1.0}}},
-    "budgets": {"tiny": {"epochs": 2, "seeds": 1}},
+    "budgets": {"tiny": {"epochs": 1, "seeds": 1}},
 }
 
 
