@@ -88,7 +88,8 @@ class PseudoConv2d(nn.Module):
             raise ValueError(f"pseudo-conv fanout must be ≥ 1, got {fanout}")
         if level < 0:
             raise ValueError(f"pseudo-conv noise level must be ≥ 0, got {level}")
-        self.in_channels, self.out_channels, self.fanout, self.level = int(in_channels), int(out_channels), int(fanout), float(level)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.fanout, self.level = int(fanout), float(level)
         self.masks = self.in_channels * self.fanout
         self.register_buffer("noise", self.level * torch.randn(self.masks, h, w))
         self.combine = nn.Conv2d(self.masks, self.out_channels, kernel_size=1, bias=bias)
