@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bench.console import interactive
-from bench.config import ConfigError, budget_names, compose, parse_cli, resolve_name, run_name, table_ids
+from bench.config import CellNotInTable, ConfigError, budget_names, compose, parse_cli, resolve_name, run_name, table_ids
 from bench.results.io import check_writable
 
 
@@ -334,5 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
+    except CellNotInTable as exc:
+        print(f"skipped: {exc}")
     except ConfigError as exc:
         _fail(str(exc), 2)

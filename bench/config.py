@@ -36,11 +36,26 @@ NULLABLE_TYPES = {"table": "", "row": "", "column": "", "budget": "", "variant":
 NEUTRAL_PREFIXES = ("seed=", "output.", "probe.", "guard.", "trainer.threads=", "trainer.name=",
                     "trainer.accelerator=", "trainer.precision=")
 TABLE_KEYS = {"id", "title", "paper", "metric", "columns", "common", "rows", "budgets", "notes", "decisions", "compute", "figure"}
-ROW_META_KEYS = {"paper", "budgets", "note", "cited"}  # row keys that are not config sections
+# Row keys that are not config sections. ``columns``: the row runs only in these columns (the
+# paper reports it for those alone, e.g. rlra-5's skip-gap rows on CIFAR-10); ``cited``: where the
+# row's paper numbers come from when the paper quotes them from other work.
+ROW_META_KEYS = {"paper", "budgets", "note", "cited", "columns"}
+
+
+def row_columns(table: DictConfig, row: str) -> list[str]:
+    """The columns a row runs in: its ``columns:`` list, or every column of the table."""
+    only = table.rows[row].get("columns")
+    return list(table.columns) if only is None else [str(c) for c in only]
 
 
 class ConfigError(ValueError):
     """A bad config. ``str()`` is one line meant for the user; the CLI exits with status 2."""
+
+
+class CellNotInTable(ConfigError):
+    """A row/column pair the table does not run (the row's ``columns:`` leaves the column out).
+    A W&B grid is a full cross product, so its agents ask for such pairs; ``bench run`` answers
+    with one line and exit status 0, so the sweep does not record a failure."""
 
 
 def slug(text: str) -> str:
@@ -92,6 +107,11 @@ def load_table(table_id: str) -> DictConfig:
             raise ConfigError(f"table {table_id}: missing key {key!r}")
     if table.id != table_id:
         raise ConfigError(f"table file {path.name} declares id {table.id!r}; it must equal the file name")
+    for row, spec in table.rows.items():
+        for column in (spec.get("columns") or []):
+            if column not in table.columns:
+                raise ConfigError(f"table {table_id} row {row!r}: columns names {column!r}, which is not a column; "
+                                  f"valid choices: {', '.join(map(repr, table.columns))}")
     return table
 
 
@@ -248,6 +268,9 @@ def compose(table: str | None = None, row: str | None = None, column: str | None
         row = resolve_name("row", row, table_cfg.rows.keys(), table)
         column = resolve_name("column", column, table_cfg.columns.keys(), table)
         row_cfg = table_cfg.rows[row]
+        if column not in row_columns(table_cfg, row):
+            raise CellNotInTable(f"table {table} row {row!r} runs only in column(s) {', '.join(row_columns(table_cfg, row))}, "
+                              f"not {column!r}")
         layers += [
             (f"table {table} common", table_cfg.get("common")),
             (f"table {table} row {row!r}", row_sections(row_cfg)),

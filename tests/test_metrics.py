@@ -32,3 +32,11 @@ def test_test_split_logs_precision_recall_f1(small_cfg):
     assert {"test/precision", "test/recall", "test/f1"} <= set(final), sorted(final)
     for key in ("test/precision", "test/recall", "test/f1"):
         assert 0.0 <= final[key] <= 100.0
+
+
+def test_best_epoch_is_the_first_epoch_with_the_lowest_validation_error():
+    from bench.results.run import best_epoch
+
+    rows = [{"val/err1": 30.0}, {"val/err1": 12.5}, {"val/err1": 20.0}, {"val/err1": 12.5}]
+    assert best_epoch(rows) == {"best/val_err1": 12.5, "best/epoch": 2.0}
+    assert best_epoch([{"train/err1": 1.0}]) == {}

@@ -42,6 +42,16 @@ def device_name(trainer: L.Trainer | None = None) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def best_epoch(rows: list[dict], key: str = "val/err1") -> dict:
+    """The epoch (1-based) with the lowest validation error and that error, as rlra Table 3 reports
+    them ("valid err" and "best epoch"); empty when no epoch was validated."""
+    scored = [(float(r[key]), i + 1) for i, r in enumerate(rows) if r.get(key) not in (None, "")]
+    if not scored:
+        return {}
+    err, epoch = min(scored)  # ties: the earlier epoch
+    return {"best/val_err1": err, "best/epoch": float(epoch)}
+
+
 def read_summary(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "summary.json"
     return read_json(path) if path.exists() else None
@@ -155,7 +165,7 @@ class RunRecorder(Checkpoint):
             "algorithm": self.cfg.algorithm.name, "model": self.cfg.model.name, "data": self.cfg.data.name,
             "epochs_done": len(self.rows),
             "last_epoch": self.rows[-1] if self.rows else {},
-            "final": final or {},
+            "final": {**(final or {}), **best_epoch(self.rows)},
             "time": {
                 "epoch_s_mean": sum(epoch_times) / len(epoch_times) if epoch_times else None,
                 "epoch_s": epoch_times,

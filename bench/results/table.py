@@ -17,7 +17,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.config import compose, load_table, run_name, table_budget
+from bench.config import compose, load_table, row_columns, run_name, table_budget
 from bench.results.io import write_csv, write_text
 from bench.results.run import device_name, git_commit, read_summary
 
@@ -60,7 +60,7 @@ def expand(table_id: str, budget: str, output_root: str | None = None, overrides
             continue
         _, scalars = table_budget(table, budget, table.rows[row])
         n_seeds = seeds or int(scalars.get("seeds", 1))
-        for column in table.columns:
+        for column in row_columns(table, row):
             for seed in range(n_seeds):
                 cell = Cell(row, column, seed)
                 algorithm = row_algorithm(table, row)
@@ -204,6 +204,14 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
                 rec = by_key.get((row, col, f))
                 cells_txt.append(cell_text(rec, int(table.get("metric", {}).get("digits", 2))) if rec else "–")
         lines.append("| " + " | ".join([row] + cells_txt) + " |")
+    row_notes = [(row, spec.get("cited"), spec.get("note"), spec.get("columns")) for row, spec in table.rows.items()]
+    row_notes = [n for n in row_notes if any(n[1:])]
+    if row_notes:
+        lines += ["", "## Row notes", ""]
+        for row, cited, note, only in row_notes:
+            parts = ([f"paper numbers cited from {cited}"] if cited else []) + ([str(note)] if note else []) + \
+                    ([f"runs only in {', '.join(map(str, only))}"] if only else [])
+            lines.append(f"- **{row}**: " + "; ".join(parts))
     lines += diagnostics_section(cells)
     reasons = sorted({(r["status"], r["reason"]) for r in records if r["status"] != "finished" and r["reason"]})
     if reasons:
@@ -328,10 +336,11 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
     return _save(fig, path), lines
 
 
-def run_curves(cells: list[Cell], key: str, file: str = "probe.csv") -> dict[tuple[str, str], dict[str, list]]:
-    """Quantities recorded over training in each run folder's ``probe.csv``, per (row, column):
-    {line: [(step, mean over finished seeds), ...]}. ``key`` ending in ``/`` is a prefix (one line
-    per layer, named by the rest of the key); otherwise one line named ``key``."""
+def run_curves(cells: list[Cell], key: str, file: str = "probe.csv", x: str = "step") -> dict[tuple[str, str], dict[str, list]]:
+    """Quantities recorded over training in each run folder's ``probe.csv`` (or ``metrics.csv``,
+    one row per epoch), per (row, column): {line: [(x, mean over finished seeds), ...]} with x the
+    CSV's ``step`` or ``epoch`` column. ``key`` ending in ``/`` is a prefix (one line per layer,
+    named by the rest of the key); otherwise one line named ``key``."""
     from bench.config import run_name
     from bench.results.io import read_csv
 
@@ -348,7 +357,7 @@ def run_curves(cells: list[Cell], key: str, file: str = "probe.csv") -> dict[tup
                 if v in ("", None) or not (k == key or (key.endswith("/") and k.startswith(key))):
                     continue
                 name = k[len(key):] if key.endswith("/") else k
-                lines.setdefault(name, {}).setdefault(int(rec["step"]), []).append(float(v))
+                lines.setdefault(name, {}).setdefault(int(rec[x]) + (x == "epoch"), []).append(float(v))
     # lines keep the CSV's column order, which is the model's forward order (input → output)
     return {cell: {name: [(step, statistics.fmean(vs)) for step, vs in sorted(points.items())]
                    for name, points in lines.items()}
@@ -356,7 +365,8 @@ def run_curves(cells: list[Cell], key: str, file: str = "probe.csv") -> dict[tup
 
 
 def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictConfig) -> list[tuple[Path, int, list[dict]]]:
-    """A paper figure of quantities over training (``kind: curves``), read from ``probe.csv``:
+    """A paper figure of quantities over training (``kind: curves``), read from ``probe.csv``
+    (``file: metrics.csv`` with ``x: epoch`` for per-epoch quantities such as ``val/err1``):
 
     * ``lines: layers`` (default): one PNG per row (and column), one line per layer of ``key``
       (sfa Figure 3: the update angle of every layer over training, one panel per rule);
@@ -375,7 +385,11 @@ def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictC
     if by not in ("layers", "rows"):
         raise ValueError(f"figure lines: {by!r}; valid choices: layers, rows")
     only = [str(r) for r in spec.get("rows", None) or table.rows]
-    curves = {k: v for k, v in run_curves(cells, key).items() if k[0] in only}
+    # epochs are counted from 1 on the x axis (epoch 1 = after one pass), steps from 0
+    x = str(spec.get("x", "step"))
+    if x not in ("step", "epoch"):
+        raise ValueError(f"figure x: {x!r}; valid choices: step, epoch")
+    curves = {k: v for k, v in run_curves(cells, key, str(spec.get("file", "probe.csv")), x).items() if k[0] in only}
     name = f"-{slug(spec.name)}" if spec.get("name") else ""
     panels: list[tuple[str, str, dict[str, list]]] = []  # (file stem, subtitle, {line label: points})
     for column in table.columns:
@@ -399,7 +413,7 @@ def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictC
         for label, points in lines.items():
             ax.plot([s for s, _ in points], [v for _, v in points], lw=1.3, marker="o" if len(points) < 15 else None,
                     ms=3, label=label)
-        ax.set_xlabel(str(spec.get("x_label", "optimizer step")))
+        ax.set_xlabel(str(spec.get("x_label", "optimizer step" if x == "step" else "epoch")))
         ax.set_ylabel(str(spec.get("y_label", key)))
         if spec.get("ylim") is not None:
             ax.set_ylim(*[float(v) for v in spec.ylim])
@@ -427,11 +441,13 @@ def figure_specs(table: DictConfig) -> list[DictConfig]:
     return specs
 
 
-FIGURE_KINDS = ("rows", "curves")
+FIGURE_KINDS = ("rows", "curves", "tsne")
 
 
 def render_figures(table: DictConfig, records: list[dict], cells: list[Cell], out_dir: Path) -> tuple[list[Path], list[dict]]:
-    """Every figure of the table; returns the PNGs and the plotted points of curve figures."""
+    """Every figure of the table; returns the PNGs and the plotted points of curve figures.
+    A t-SNE figure (``kind: tsne``, bench/results/latents.py) writes its separation scores to
+    ``<id>-latents.csv`` beside the table."""
     from bench.config import slug
 
     pngs, points = [], []
@@ -443,6 +459,14 @@ def render_figures(table: DictConfig, records: list[dict], cells: list[Cell], ou
                 continue
             stem = table.id + (f"-{slug(spec.name)}" if spec.get("name") and len(specs) > 1 else "")
             png, _ = plot_figure(table, records, cells, out_dir / "plots" / f"{stem}.png", spec)
+            pngs.append(png)
+        elif kind == "tsne":
+            if not any(c.status == "finished" for c in cells):
+                continue
+            from bench.results.latents import tsne_figure
+
+            png, scores, _ = tsne_figure(table, cells, out_dir / "plots" / f"{table.id}.png")
+            write_csv(out_dir / f"{table.id}-latents.csv", scores)
             pngs.append(png)
         else:
             for png, _, pts in plot_curves(table, cells, out_dir / "plots", spec):
@@ -463,6 +487,9 @@ def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str 
     pngs, points = render_figures(table, records, cells, out_dir)
     for png in pngs:
         text += f"\n![{png.stem}](plots/{png.name})\n"
+    if any(str(spec.get("kind")) == "tsne" for spec in figure_specs(table)) and (out_dir / f"{table.id}-latents.csv").exists():
+        text += (f"\nHow well each run's top latent layer separates the classes (silhouette by true class, "
+                 f"5-NN accuracy): [{table.id}-latents.csv]({table.id}-latents.csv).\n")
     if points:  # the curves as numbers, beside the PNGs
         write_csv(out_dir / f"{table.id}-curves.csv", [{"budget": budget, **p} for p in points])
         text += f"\nThe plotted curves as numbers: [{table.id}-curves.csv]({table.id}-curves.csv).\n"
