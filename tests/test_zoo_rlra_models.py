@@ -364,3 +364,33 @@ def test_fa_locally_connected_sends_the_error_through_fixed_feedback():
     assert (gx - bx).abs().amax() > 1e-2
     fa.use_feedback = False
     torch.testing.assert_close(torch.autograd.grad((fa(x) * delta).sum(), x)[0], bx)
+
+
+def test_fa_rule_converts_every_lc_layer_of_lcnet_with_per_position_feedback():
+    """The fa rule (convert_to_feedback) turns lcnet's LC layers into FA twins: B has the weight's
+    shape, each position's B is its own draw with the dense-layer variance (kaiming: 1/fan_out), and
+    the rule's probe mode (true_gradient) recovers backprop."""
+    from bench.feedback.replaced import FeedbackLayer
+    from bench.models.locally_connected import FALocallyConnected2d
+    from bench.perf import build_module
+
+    module = build_module("fa", ["model.name=lcnet", "model.channels=[4,8,8]", "algorithm.feedback_init=kaiming"], [3, 16, 16])
+    lc = [m for m in module.model.modules() if isinstance(m, FALocallyConnected2d)]
+    assert len(lc) == 3
+    for layer in lc:
+        assert layer.feedback.shape == layer.weight.shape
+        positions, out_ch, _ = layer.weight.shape
+        assert not torch.equal(layer.feedback[0], layer.feedback[-1])  # one draw per position
+        assert layer.feedback.var().item() == pytest.approx(1.0 / out_ch, rel=0.25)
+    assert all(isinstance(m, FeedbackLayer) for m in lc)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    first = lc[0].weight
+    surrogate, _, _ = module.objective(x, y)
+    (fa_grad,) = torch.autograd.grad(surrogate, first)
+    with module.true_gradient():
+        surrogate, _, _ = module.objective(x, y)
+        (bp_grad,) = torch.autograd.grad(surrogate, first)
+    with module.true_gradient():
+        (plain,) = torch.autograd.grad(torch.nn.functional.cross_entropy(module.model(x), y), first)
+    torch.testing.assert_close(bp_grad, plain)
+    assert torch.isfinite(fa_grad).all() and (fa_grad - bp_grad).abs().amax() > 1e-6

@@ -139,12 +139,15 @@ def _converted(layer: nn.Module, feedback: torch.Tensor) -> nn.Module:
 
 def convert_to_feedback(model: nn.Module, init: str = "gaussian", sigma: float = 0.05,
                         seed: int = 0, skip: tuple[str, ...] = ()) -> list[str]:
-    """Replace every ``nn.Linear``/``nn.Conv2d`` (subclasses included, e.g. timm's) in place.
+    """Replace every ``nn.Linear``/``nn.Conv2d`` (subclasses included, e.g. timm's) and every
+    locally-connected layer (Bartunov et al.'s untied convolution) in place.
 
     Works on any ``nn.Module`` tree. B for each layer is drawn from one generator seeded with
     ``seed`` in module order, so every DDP rank builds the same B without a broadcast.
     Returns the dotted names it converted (the "report"); layers in ``skip`` are left alone.
     """
+    from bench.models.locally_connected import LocallyConnected2d, fa_locally_connected  # imports this module
+
     generator = torch.Generator().manual_seed(seed)
     converted = []
     for parent_name, parent in list(model.named_modules()):
@@ -155,6 +158,13 @@ def convert_to_feedback(model: nn.Module, init: str = "gaussian", sigma: float =
             if isinstance(child, (nn.Linear, nn.Conv2d)):
                 feedback = feedback_tensor(tuple(child.weight.shape), init, sigma, generator)
                 setattr(parent, child_name, _converted(child, feedback))
+                converted.append(full)
+            elif isinstance(child, LocallyConnected2d):
+                # untied weights (positions, out, in·k·k): each position is a dense layer of its own,
+                # so each gets its own draw with that layer's fan-in and fan-out
+                positions, out_ch, fan_in = child.weight.shape
+                feedback = torch.stack([feedback_tensor((out_ch, fan_in), init, sigma, generator) for _ in range(positions)])
+                setattr(parent, child_name, fa_locally_connected(child, feedback))
                 converted.append(full)
     return converted
 
