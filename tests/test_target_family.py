@@ -501,3 +501,99 @@ def test_probe_reports_update_angle_for_every_resnet_weight(small_cfg, update):
     signals = {k for k in values if k.startswith("align/signal/")}
     # signal angles where the regions' units are the micro points (block_update=rlra): all 17
     assert len(signals) == (17 if update == "rlra" else 0)
+
+
+# ---------------------------------------------------------------- rlra-2/-5's CNN: Bartunov's locally-connected net
+LC_SHAPE = (3, 16, 16)
+
+
+def build_lcnet(*overrides, channels="[4,8,8]", shape=LC_SHAPE):
+    cfg = compose(overrides=["algorithm.name=rlra", "data.name=synthetic", f"data.shape=[{','.join(map(str, shape))}]",
+                             f"data.num_classes={CLASSES}", "guard.every=0", "model.name=lcnet",
+                             f"model.channels={channels}", *overrides])
+    torch.manual_seed(0)
+    return RecursiveLRA(cfg, create_model(cfg.model, shape, CLASSES), CLASSES, shape)
+
+
+def test_one_step_on_lcnet_updates_every_weight():
+    """BN + LN + dropout lcnet: every LC weight, norm, classifier and error synapse gets a finite, nonzero update."""
+    module = build_lcnet("model.batchnorm=true", "model.layernorm=true", "model.dropout=0.1")
+    lcs = [b.lc for b in module.model.features]
+    assert [type(s.linear).__name__ for s in module.regions.stages] == ["LocallyConnected2d"] * 3 + ["Linear"]
+    assert module.points == ["features.0.act", "features.1.act", "features.2.act"]
+    x, y = fixed(4, *LC_SHAPE, scale=1.0, offset=0.7), torch.tensor([0, 2, 1, 2])
+    surrogate, logits, loss = module.objective(x, y)
+    surrogate.backward()
+    assert logits.shape == (4, CLASSES) and torch.isfinite(loss)
+    for name, p in module.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if p.ndim >= 2:
+            assert p.grad.abs().max() > 0, name
+    assert [tuple(lc.weight.grad.shape) for lc in lcs] == [(64, 4, 75), (16, 8, 100), (16, 8, 72)]
+
+
+def test_lcnet_step_matches_local_update_by_hand():
+    """No norms, g = 2: wiring {3: 4, 2: 4, 1: 2} (E_{4→3}, E_{4→2} dense from the logits, E_{2→1} a
+    3×3 conv synapse on e_2 upsampled to z_1's 8×8). Forward per position with a Python loop, targets
+    y = tanh(h − βd), ΔW_l = (1/B) Σ_b e_l p_lᵀ for every position l of every LC layer, ΔE = −γ d eᵀ."""
+    module = build_lcnet("algorithm.error_init=gaussian", "algorithm.error_sigma=0.3")
+    lcs = [b.lc for b in module.model.features]
+    fc = module.model.classifier
+    assert module.source == {3: 4, 2: 4, 1: 2} and module.kinds == {(4, 3): "dense", (4, 2): "dense", (2, 1): "conv"}
+    with torch.no_grad():
+        for i, lc in enumerate(lcs):
+            lc.weight.copy_(fixed(*lc.weight.shape, scale=0.3, offset=i))
+            lc.bias.copy_(fixed(*lc.bias.shape, scale=0.1, offset=10 + i))
+    E = {k: v.detach().clone() for k, v in module.error_synapses.items()}
+    x, y = fixed(4, *LC_SHAPE, scale=1.0, offset=0.7), torch.tensor([0, 2, 1, 2])
+    a = module.cfg.algorithm
+    beta, gamma, B = float(a.beta), float(a.error_gamma), x.shape[0]
+    with torch.no_grad():
+        z, h, p = {0: x}, {}, {}
+        for l, lc in enumerate(lcs, start=1):
+            p[l] = F.unfold(z[l - 1], lc.kernel_size, padding=lc.padding, stride=lc.stride)  # (B, K, L)
+            W = lc.weight.detach()
+            cols = [p[l][:, :, q] @ W[q].T for q in range(W.shape[0])]  # one dense layer per position
+            h[l] = torch.stack(cols, 2).reshape(B, lc.out_channels, *lc.out_size) + lc.bias.detach()
+            z[l] = torch.tanh(h[l])
+        logits = z[3].flatten(1) @ fc.weight.detach().T + fc.bias.detach()
+        e = {4: torch.softmax(logits, 1) - F.one_hot(y, CLASSES).float()}
+        d = {3: (e[4] @ E["4_to_3"].T).view_as(z[3]), 2: (e[4] @ E["4_to_2"].T).view_as(z[2])}
+        e[3], e[2] = z[3] - torch.tanh(h[3] - beta * d[3]), z[2] - torch.tanh(h[2] - beta * d[2])
+        d[1] = F.conv2d(F.interpolate(e[2], size=(8, 8), mode="nearest"), E["2_to_1"], padding=1)
+        e[1] = z[1] - torch.tanh(h[1] - beta * d[1])
+        dW = {l: torch.stack([e[l].flatten(2)[:, :, q].T @ p[l][:, :, q] for q in range(p[l].shape[2])]) / B
+              for l in (1, 2, 3)}
+        dE = {"4_to_3": -gamma * d[3].flatten(1).T @ e[4] / B, "4_to_2": -gamma * d[2].flatten(1).T @ e[4] / B}
+    surrogate, out, _ = module.objective(x, y)
+    surrogate.backward()
+    assert torch.allclose(out, logits, atol=1e-5)
+    for l, lc in enumerate(lcs, start=1):
+        assert torch.allclose(lc.weight.grad, dW[l], atol=1e-6), f"ΔW_{l}"
+        assert torch.allclose(lc.bias.grad, e[l].sum(0) / B, atol=1e-6), f"Δb_{l}"
+    # the layer's own local_update (ΔW_l = Σ_b e_l p_lᵀ) is the same update
+    assert torch.allclose(lcs[0].weight.grad, lcs[0].local_update(e[1], p[1]) / B, atol=1e-6)
+    assert torch.allclose(fc.weight.grad, e[4].T @ z[3].flatten(1) / B, atol=1e-6)  # the output's: BP's
+    for k, v in dE.items():
+        assert torch.allclose(module.error_synapses[k].grad, v, atol=1e-6), f"ΔE_{k}"
+    # conv synapse: ΔE_{2→1} is the correlation of −γ d_1 with the resized e_2 (autograd of ⟨−γ d_1, E ⊛ e_2⟩)
+    up = F.interpolate(e[2], size=(8, 8), mode="nearest")
+    dE21 = torch.nn.grad.conv2d_weight(up, E["2_to_1"].shape, -gamma * d[1] / B, padding=1)
+    assert torch.allclose(module.error_synapses["2_to_1"].grad, dE21, atol=1e-6)
+
+
+@pytest.mark.parametrize("gap, wiring", [
+    (1, {6: 7, 5: 7, 4: 7, 3: 7, 2: 7, 1: 7}),
+    (2, {6: 7, 5: 6, 4: 7, 3: 4, 2: 7, 1: 2}),
+    (3, {6: 7, 5: 6, 4: 5, 3: 7, 2: 3, 1: 2}),
+    (6, {6: 7, 5: 6, 4: 5, 3: 4, 2: 3, 1: 2}),
+])
+def test_lcnet_skip_gap_wiring(gap, wiring):
+    """Algorithm 1 on a 6-LC-layer lcnet: ℓ gets E_{L→ℓ} (L = 7, dense) when ℓ mod g = 0, else a conv
+    synapse E_{ℓ+1→ℓ} between the two maps."""
+    module = build_lcnet(f"algorithm.skip_gap={gap}", "model.kernel=[3,3,3,3,3,3]", "model.stride=[1,1,1,1,1,1]", channels="[2,3,2,3,2,3]",
+                         shape=(3, 4, 4))
+    assert module.source == wiring
+    assert module.level == {l: 1 if j == 7 else 2 for l, j in wiring.items()}
+    assert module.kinds == {(j, l): "dense" if j == 7 else "conv" for l, j in wiring.items()}
+    assert set(module.error_synapses) == {f"{j}_to_{l}" for l, j in wiring.items()}

@@ -21,14 +21,18 @@ lines 29/31) is what is implemented.
 
 **Wiring built from the model** (``wiring``):
 
-* MLP and plain CNN (``mlp``, ``cnn``, ``sfa_mnist``): one region per Linear/Conv2d layer
-  ℓ = 1…L. With recursion depth D = ``recursion_depth`` and skip gap g = ``skip_gap``, hidden
+* MLP, plain CNN and locally-connected net (``mlp``, ``cnn``, ``sfa_mnist``, ``lcnet``): one
+  region per Linear/Conv2d/LocallyConnected2d layer ℓ = 1…L. With recursion depth D = ``recursion_depth`` and skip gap g = ``skip_gap``, hidden
   layer ℓ has level k = the smallest k < D with ℓ mod g^(D−k) = 0, else D. A level-k < D layer
   is fed from the nearest layer above it of a lower level (the output has level 0); a level-D
   layer from ℓ+1. D = 2 is Algorithm 1 exactly (E_{L→ℓ} if ℓ mod g = 0, else E_{ℓ+1→ℓ}), the
   default; D = 1 (or g = 1) wires every layer straight from the output. Algorithm 1's
   RUNMODEL also adds a residual z_{ℓ-g} every g layers: that is a model choice, not the rule's
-  (the rlra-1 MLPs are plain), so the zoo model's own forward runs.
+  (the rlra-1 MLPs are plain), so the zoo model's own forward runs. An LC layer's output is a
+  map like a conv layer's (error synapses into and between LC maps follow ``map_synapse``), and
+  its update is the paper's "same as that used for fully-connected weights" (appendix, rlra-2's
+  CNN = Bartunov et al.'s LC net): ΔW_l = e_l p_lᵀ per position l with p_l the receptive field,
+  i.e. ``LocallyConnected2d.local_update(e, patches)``, which is what ∂⟨e, h⟩/∂W is for h = W p.
 * ResNet (``timm:resnet18``, ``presnet18``; §3.3): error units at the stem's output and at every
   residual block's output, all wired from the output (E_{L→i}, level 1: the block outputs are
   the "meta-representations"). Then the recursion enters each block (``block_update``):
@@ -106,6 +110,7 @@ from torch import nn
 
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.init import FEEDBACK_INITS, feedback_tensor
+from bench.models.locally_connected import LocallyConnected2d
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 MAP_SYNAPSES = ("conv", "lowrank", "dense")
@@ -116,7 +121,8 @@ BLOCK_UPDATES = ("rlra", "local_bp")
 class Stage:
     """One layer ℓ of a sequential net: h_ℓ = norm(linear(z_{ℓ-1})), z_ℓ = act(h_ℓ), then ``post``.
 
-    ``linear`` is the layer's Linear (or, for the plain CNN, its Conv2d)."""
+    ``linear`` is the layer's Linear (or, for the plain CNN, its Conv2d; for LCNet, its
+    LocallyConnected2d)."""
 
     linear: nn.Module
     norms: list = field(default_factory=list)
@@ -126,14 +132,15 @@ class Stage:
 
 
 def _leaves(model: nn.Module, convs: bool) -> list[tuple[str, nn.Module]] | None:
-    """The zoo MLP's ``net`` children, or (``convs``) the zoo CNN's layers in forward order."""
+    """The zoo MLP's ``net`` children, or (``convs``) the zoo CNN's / LCNet's layers in forward order
+    (LCNet is the CNN's layout without the ``hidden`` dense layers)."""
     net = getattr(model, "net", None)
     if isinstance(net, nn.Sequential):
         return [(f"net.{n}", m) for n, m in net.named_children()]
-    if convs and all(hasattr(model, k) for k in ("features", "flatten", "hidden", "classifier")):
+    if convs and all(hasattr(model, k) for k in ("features", "flatten", "classifier")):
         leaves = [(f"features.{i}.{n}", m) for i, b in enumerate(model.features) for n, m in b.named_children()]
         leaves.append(("flatten", model.flatten))
-        leaves += [(f"hidden.{i}.{n}", m) for i, b in enumerate(model.hidden) for n, m in b.named_children()]
+        leaves += [(f"hidden.{i}.{n}", m) for i, b in enumerate(getattr(model, "hidden", ())) for n, m in b.named_children()]
         return leaves + [("classifier", model.classifier)]
     return None
 
@@ -142,10 +149,10 @@ def parse_stages(model: nn.Module, convs: bool = False) -> tuple[list[nn.Module]
     """Split a zoo MLP's ``net`` (or, with ``convs``, the zoo CNN) into input modules and stages."""
     leaves = _leaves(model, convs)
     if leaves is None:
-        what = "a sequential MLP or the zoo cnn" if convs else "a sequential MLP (no nn.Sequential `net`)"
+        what = "a sequential MLP, the zoo cnn or lcnet" if convs else "a sequential MLP (no nn.Sequential `net`)"
         raise ValueError(f"{type(model).__name__} is not {what}; this rule is implemented for "
-                         f"{'mlp, cnn and the timm/p ResNet-18' if convs else 'the zoo mlp'}")
-    layer_types = (nn.Linear, nn.Conv2d) if convs else (nn.Linear,)
+                         f"{'mlp, cnn, lcnet and the timm/p ResNet-18' if convs else 'the zoo mlp'}")
+    layer_types = (nn.Linear, nn.Conv2d, LocallyConnected2d) if convs else (nn.Linear,)
     pre, stages = [], []
     for name, m in leaves:
         if isinstance(m, layer_types):
