@@ -99,6 +99,9 @@ CASES = [
      [1, 1, 1], "sign", "displacement"),
     ("rlra-state-rule", "rlra", 2, ["algorithm.error_update=state"], {2: 3, 1: 2}, {2: 1.0, 1: 1.0}, [1, 1, 1],
      "tanh", "state"),
+    # state rule with κ: the pairwise ΔE_{ℓ+1→ℓ} = γ z_ℓᵀ e_{ℓ+1} must not pick up κ_{ℓ+1} from ΔW_{ℓ+1}
+    ("rlra-state-kappa", "rlra", 2, ["algorithm.error_update=state", "algorithm.kappa=[0.5,2.0,1.5]"], {2: 3, 1: 2},
+     {2: 1.0, 1: 1.0}, [0.5, 2.0, 1.5], "tanh", "state"),
     # LRA-E: pairwise synapses only, ΔE = γ z_i e_jᵀ with its defaults β = 0.1, γ = 1
     ("lra_e-4layer", "lra_e", 3, [], {3: 4, 2: 3, 1: 2}, {3: 1.0, 2: 1.0, 1: 1.0}, [1, 1, 1, 1], "tanh", "state"),
 ]

@@ -381,6 +381,10 @@ class RecursiveLRA(AlgorithmModule):
         # take the closed form of ∂S/∂θ; everything else differentiates S with autograd.
         self.closed_form = (isinstance(self.regions, SequentialRegions) and set(self.kinds.values()) <= {"dense"}
                             and all(isinstance(s.linear, nn.Linear) and not s.norms for s in self.regions.stages))
+        # state rule, pairwise E_{ℓ+1→ℓ} where layer ℓ+1's input is z_ℓ itself (nothing after φ_ℓ):
+        # ΔE is ΔW_{ℓ+1}ᵀ rescaled (closed form only)
+        self._shared_state = ({l for l, j in self.source.items() if j == l + 1 and not self.regions.stages[l - 1].post
+                               and self.kappa[j - 1] != 0} if self.closed_form and self.state_rule else set())
 
     # ------------------------------------------------------------------ error synapses
     @torch.no_grad()
@@ -492,32 +496,46 @@ class RecursiveLRA(AlgorithmModule):
         return surrogate, logits, loss
 
     def _closed_form_objective(self, x, y):
-        """The same step with ∂S/∂θ written out (dense MLP regions): bit for bit what autograd of the
-        surrogate S gives (ΔW_ℓ = (κ_ℓ/B · e_ℓ)ᵀ z_{ℓ-1}, Δb_ℓ = Σ_b κ_ℓ/B · e_ℓ, ΔE_{j→i} = (s_i/B)ᵀ e_j),
-        computed with no autograd graph at all and handed to ``.grad`` by one autograd node
-        (:class:`_Deliver`) inside ``manual_backward``, so DDP's gradient hooks, re-projection and
-        the optimizer see it like any gradient. Same kernels, far fewer of them, and no graph
-        bookkeeping: this is what brings the update to backprop's time (``bench perf --only rlra``)."""
+        """The same step with ∂S/∂θ written out (dense MLP regions): ΔW_ℓ = (κ_ℓ/B) e_ℓᵀ z_{ℓ-1},
+        Δb_ℓ = (κ_ℓ/B) Σ_b e_ℓ, ΔE_{j→i} = (1/B) s_iᵀ e_j, computed with no autograd graph at all and
+        handed to ``.grad`` by one autograd node (:class:`_Deliver`) inside ``manual_backward``, so
+        DDP's gradient hooks, re-projection and the optimizer see it like any gradient. The scalars
+        ride inside the matmuls (``addmm(…, beta=0, alpha=…)``) and h − βd is one fused ``sub``, and
+        with the ``state`` rule a pairwise ΔE_{ℓ+1→ℓ} = (γ/B) z_ℓᵀ e_{ℓ+1} is (γ/κ_{ℓ+1}) ΔW_{ℓ+1}ᵀ, the
+        same matmul (LRA-E's observation): this is what brings the update to backprop's time
+        (``bench perf --only rlra``). Equal to autograd of S up to float rounding (tests by hand)."""
         with torch.no_grad():
             layers = self.forward_layers(x)
             logits = layers[-1][1]
             loss = self.loss_fn(logits, y)
-            errors, _, _, e_terms = self.error_units(layers, y)
-            rows = logits.shape[0]
-            params, grads = [], []
+            L, rows = len(layers), logits.shape[0]
+            probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+            errors = {L: probs - F.one_hot(y, probs.shape[-1]).to(probs.dtype)}  # e_L = z_L − y
+            disp = {}
+            for l in range(L - 1, 0, -1):  # Algorithm 1, top-down (every source lies above its target)
+                j = self.source[l]
+                _, h, z = layers[l - 1]
+                disp[l] = d = errors[j].mm(self.error_matrix(j, l).t())
+                target = self.acts[l - 1](torch.sub(h, d, alpha=self.beta))
+                errors[l] = elastic(z - target, self.alpha_depth1 if self.level[l] == 1 else self.alpha_depth2)
+            params, grads, dW = [], [], {}
             for l, (z_in, _, _) in enumerate(layers, start=1):
-                lin = self.regions.stages[l - 1].linear
-                g = errors[l] * torch.tensor(self.kappa[l - 1] / rows, dtype=errors[l].dtype, device=errors[l].device)
+                lin, scale = self.regions.stages[l - 1].linear, self.kappa[l - 1] / rows
+                dW[l] = torch.addmm(lin.weight, errors[l].t(), z_in, beta=0, alpha=scale)
                 params.append(lin.weight)
-                grads.append(g.t().mm(z_in))
+                grads.append(dW[l])
                 if lin.bias is not None:
                     params.append(lin.bias)
-                    grads.append(g.sum(0))
-            inv_rows = torch.tensor(1.0 / rows, dtype=logits.dtype, device=logits.device)
-            for l, (signal, _) in zip(range(len(layers) - 1, 0, -1), e_terms):
-                j = self.source[l]
-                params.append(self.error_matrix(j, l))
-                grads.append((signal * inv_rows).t().mm(errors[j].flatten(1)))
+                    grads.append(errors[l].sum(0).mul_(scale))
+            for l in range(L - 1, 0, -1):
+                j, E = self.source[l], self.error_matrix(self.source[l], l)
+                params.append(E)
+                if l in self._shared_state:
+                    grads.append(dW[j].t().mul(self.gamma / self.kappa[j - 1]))
+                elif self.state_rule:
+                    grads.append(torch.addmm(E, layers[l - 1][2].t(), errors[j], beta=0, alpha=self.gamma / rows))
+                else:  # Eq. 6: ΔE_{j→l} = −γ d_l e_jᵀ
+                    grads.append(torch.addmm(E, disp[l].t(), errors[j], beta=0, alpha=-self.gamma / rows))
         return _Deliver.apply(grads, *params), logits, loss
 
     def _hand_signals_to_tap(self, layers, errors, rows) -> None:
