@@ -142,13 +142,36 @@ def test_every_implemented_cell_of_every_table_composes(table_id):
             continue
         for column in table.columns:
             for budget in config.budget_names():
+                if column not in config.row_columns(table, row):  # the row does not run there: one line
+                    with pytest.raises(config.CellNotInTable, match="runs only in"):
+                        compose(table_id, row, column, budget, [])
+                    continue
                 cfg = compose(table_id, row, column, budget, [])
                 assert cfg.algorithm.name == algorithm
                 assert (cfg.row, cfg.column, cfg.budget) == (row, column, budget)
                 composed += 1
     # a table with no implemented row is allowed, but then nothing is composed
     implemented = [r for r in table.rows if row_algorithm(table, r) in RULES]
-    assert composed == len(implemented) * len(table.columns) * len(config.budget_names())
+    assert composed == sum(len(config.row_columns(table, r)) for r in implemented) * len(config.budget_names())
+
+
+def test_a_row_limited_to_some_columns_is_skipped_elsewhere_and_validated(tmp_path, monkeypatch):
+    """rlra-5's skip-gap rows run on CIFAR-10 only: the runner expands them there alone, `bench run`
+    answers a W&B agent asking for another column with 'skipped' and exit 0, and a `columns:` entry
+    naming no column of the table is a one-line config error."""
+    from bench import cli
+    from bench.results.table import expand
+
+    table, cells = expand("rlra-5", "smoke")
+    assert {c.column for c in cells if c.row.startswith("skip-")} == {"cifar10"}
+    assert {c.column for c in cells if c.row == "BP, ResNet-18"} == {"imagenet"}
+    cli.main(["run", "table=rlra-5", "row=skip-3", "column=imagenet", "budget=smoke"])  # no SystemExit
+    bad = tmp_path / "tables"
+    bad.mkdir()
+    (bad / "t.yaml").write_text("id: t\ntitle: t\ncolumns: {a: {}}\nrows: {r: {columns: [b]}}\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(config.ConfigError, match="columns names 'b'"):
+        load_table("t")
 
 
 def test_rlra1_has_its_implemented_rows():
