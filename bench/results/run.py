@@ -165,7 +165,8 @@ class RunRecorder(Checkpoint):
             "algorithm": self.cfg.algorithm.name, "model": self.cfg.model.name, "data": self.cfg.data.name,
             "epochs_done": len(self.rows),
             "last_epoch": self.rows[-1] if self.rows else {},
-            "final": {**(final or {}), **best_epoch(self.rows)},
+            "final": final or {},
+            "best": best_epoch(self.rows),
             "time": {
                 "epoch_s_mean": sum(epoch_times) / len(epoch_times) if epoch_times else None,
                 "epoch_s": epoch_times,

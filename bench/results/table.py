@@ -113,10 +113,11 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def lookup(summary: dict, field_key: str):
-    """A summary value: final test/train metrics first, then the last epoch's row (alignment,
-    timing). ``align/signal_cos/@1`` means the second feedback point in forward order, whatever
-    its module name (a BatchNorm or Dropout shifts the names, not the order)."""
-    values = {**summary.get("last_epoch", {}), **summary.get("final", {})}
+    """A summary value: final test/train metrics first, then the best validation epoch
+    (``best/val_err1``, ``best/epoch``), then the last epoch's row (alignment, timing).
+    ``align/signal_cos/@1`` means the second feedback point in forward order, whatever its module
+    name (a BatchNorm or Dropout shifts the names, not the order)."""
+    values = {**summary.get("last_epoch", {}), **summary.get("best", {}), **summary.get("final", {})}
     if "@" in field_key:
         prefix, index = field_key.split("@")
         keys = forward_order([k for k in values if k.startswith(prefix) and "/" not in k[len(prefix):]])
