@@ -51,7 +51,7 @@ def build_module(rule: str, model_overrides: list[str], shape: list[int], num_cl
 def _time_update(module, x, y, iters: int) -> float:
     start = time.perf_counter()
     for _ in range(iters):
-        for p in module.model.parameters():
+        for p in module.parameters():  # the rule's own parameters too (error synapses, inverses)
             p.grad = None
         surrogate, _, _ = module.objective(x, y)
         surrogate.backward()
@@ -65,24 +65,32 @@ def _time_step(optimizer, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def interleaved_times(modules: dict, x, y, repeats: int, iters: int, warmup: int = 2) -> tuple[dict, dict]:
+    """Seconds per update and per optimizer step of every module, one entry per repeat. Each repeat
+    times every module once, in a fresh random order, on the same batch, so slow phases of a noisy
+    machine hit all of them alike; callers report medians of per-repeat ratios."""
+    optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-6, fused=True) for k, m in modules.items()}
+    for k, m in modules.items():  # warm-up: allocator, kernels, optimizer state
+        _time_update(m, x, y, warmup)
+        optimizers[k].step()
+    times = {k: [] for k in modules}
+    steps = {k: [] for k in modules}
+    order = list(modules)
+    for _ in range(repeats):
+        random.shuffle(order)
+        for k in order:
+            times[k].append(_time_update(modules[k], x, y, iters))
+            steps[k].append(_time_step(optimizers[k], iters))
+    return times, steps
+
+
 def update_ratios(repeats: int, batch: int = 128, iters: int = 5, cases=UPDATE_CASES) -> list[dict]:
     rows = []
     for case, overrides, shape, targets in cases:
         rules = ["bp", *targets]
         modules = {r: build_module(r, overrides, shape) for r in rules}
-        optimizers = {r: torch.optim.Adam(m.model.parameters(), lr=1e-6, fused=True) for r, m in modules.items()}
         x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-        for r, m in modules.items():  # warm-up: allocator, kernels, optimizer state
-            _time_update(m, x, y, 2)
-            optimizers[r].step()
-        times = {r: [] for r in rules}
-        steps = {r: [] for r in rules}
-        order = list(rules)
-        for _ in range(repeats):
-            random.shuffle(order)
-            for r in order:
-                times[r].append(_time_update(modules[r], x, y, iters))
-                steps[r].append(_time_step(optimizers[r], iters))
+        times, steps = interleaved_times(modules, x, y, repeats, iters)
         for r in rules:
             ratios = [t / b for t, b in zip(times[r], times["bp"])]
             ratio = statistics.median(ratios)

@@ -19,14 +19,13 @@ signal). The update time is forward + the rule's backward; the optimizer step is
 """
 from __future__ import annotations
 
-import random
 import statistics
 
 import torch
 
 from bench.benchmarks import BENCHMARKS
 from bench.feedback.direct import feedback_memory
-from bench.perf import _time_step, _time_update, build_module
+from bench.perf import build_module, interleaved_times
 
 CNN = ["model.name=cnn", "model.channels=[32,64,64]", "model.kernel=5", "model.activation=tanh"]
 CASES = [
@@ -62,19 +61,8 @@ def run_case(name, overrides, shape, batch, variants, targets, repeats: int, ite
     modules = {"bp": build_module("bp", overrides, shape, NUM_CLASSES)}
     for v in variants:
         modules[v] = build_module("dfa", [*overrides, *_overrides(v)], shape, NUM_CLASSES)
-    optimizers = {k: torch.optim.Adam(m.model.parameters(), lr=1e-6, fused=True) for k, m in modules.items()}
     x, y = torch.randn(batch, *shape), torch.randint(0, NUM_CLASSES, (batch,))
-    for k, m in modules.items():  # warm-up: allocator, kernels, optimizer state
-        _time_update(m, x, y, 1)
-        optimizers[k].step()
-    times = {k: [] for k in modules}
-    steps = {k: [] for k in modules}
-    order = list(modules)
-    for _ in range(repeats):
-        random.shuffle(order)
-        for k in order:
-            times[k].append(_time_update(modules[k], x, y, iters))
-            steps[k].append(_time_step(optimizers[k], iters))
+    times, steps = interleaved_times(modules, x, y, repeats, iters, warmup=1)
     params = sum(p.numel() for p in modules["bp"].model.parameters())
     rows = []
     for k, m in modules.items():

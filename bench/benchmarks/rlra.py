@@ -15,14 +15,12 @@
 """
 from __future__ import annotations
 
-import random
 import statistics
-import time
 
 import torch
 
 from bench.benchmarks import BENCHMARKS
-from bench.perf import build_module
+from bench.perf import build_module, interleaved_times
 
 MLP = ["model.name=mlp", "model.depth=5", "model.width=256", "model.activation=tanh"]
 RESNET = ["model.name=timm:resnet18", "model.cifar_stem=true"]
@@ -47,42 +45,15 @@ MEMORY_VARIANTS = {
 }
 
 
-def _time_update(module, x, y, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        for p in module.parameters():
-            p.grad = None
-        surrogate, _, _ = module.objective(x, y)
-        surrogate.backward()
-    return (time.perf_counter() - start) / iters
-
-
-def _time_step(optimizer, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        optimizer.step()
-    return (time.perf_counter() - start) / iters
-
-
 def update_rows(repeats: int) -> list[dict]:
     rows = []
     for case, model, shape, batch, variants, target in TIME_CASES:
         modules = {"bp": build_module("bp", model, shape)}
         modules.update({label: build_module(rule, [*model, *extra], shape) for label, (rule, extra) in variants.items()})
-        optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-6, fused=True) for k, m in modules.items()}
         x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
         big = shape[0] == 3  # ResNet-18: one update per repeat, fewer repeats
         iters, reps = (1, min(repeats, 7)) if big else (5, repeats)
-        for k, m in modules.items():  # warm-up: allocator, kernels, optimizer state
-            _time_update(m, x, y, 1 if big else 2)
-            optimizers[k].step()
-        times, steps = {k: [] for k in modules}, {k: [] for k in modules}
-        order = list(modules)
-        for _ in range(reps):
-            random.shuffle(order)
-            for k in order:
-                times[k].append(_time_update(modules[k], x, y, iters))
-                steps[k].append(_time_step(optimizers[k], iters))
+        times, steps = interleaved_times(modules, x, y, reps, iters, warmup=1 if big else 2)
         for k in modules:
             ratio = statistics.median(t / b for t, b in zip(times[k], times["bp"]))
             rows.append({"benchmark": "update_time", "case": case, "rule": k, "batch": batch,
