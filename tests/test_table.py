@@ -163,3 +163,26 @@ def test_per_layer_keys_are_read_in_forward_order():
     assert forward_order(legacy) == [f"align/update/net.{i}" for i in (1, 3, 5, 7, 9, 11)]
     summary = {"last_epoch": {k: float(i) for i, k in enumerate(recorded)}}
     assert lookup(summary, "align/update/@0") == 0.0 and lookup(summary, "align/update/@last") == 2.0
+
+
+def test_a_column_run_on_the_synthetic_stand_in_reads_data_unavailable(tmp_path, table_configs):
+    """A column whose paper dataset is absent may run on the synthetic stand-in at a small budget
+    (column-level ``budgets:``): the run proves the pipeline, so its accuracy cell reads
+    'data unavailable' with the stand-in's measured number in brackets, never as a result."""
+    synth = {"name": "synthetic", "shape": [10], "num_classes": 3, "n_train": 160, "n_test": 40, "val_size": 32}
+    table = {
+        "id": "test-standin", "title": "Stand-in check",
+        "metric": {"name": "error", "unit": "%", "fields": {"test": "test/err1"}},
+        "columns": {"cifar10": {"data": {"name": "cifar10"}, "budgets": {"tiny": {"data": synth}}}},
+        "common": {"model": {"name": "mlp", "depth": 1, "width": 8}, "data": {"batch_size": 16},
+                   "probe": {"every": 0}, "output": {"progress": "none"}},
+        "rows": {"BP": {"algorithm": {"name": "bp"}, "paper": {"cifar10": {"test": 7.5}}}},
+    }
+    (table_configs / "tables" / "test-standin.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(table)))
+    loaded, cells = expand("test-standin", "tiny", output_root=str(tmp_path / "runs"))
+    assert [c.cfg.data.name for c in cells] == ["synthetic"]
+    run_cells(cells, train)
+    _, text = write_table(loaded, "tiny", cells, out_dir=tmp_path / "results")
+    measured = cells[0].summary["final"]["test/err1"]
+    assert f"| BP | 7.50 → *data unavailable* (synthetic stand-in: {measured:.2f}) |" in text
+    assert "runs on `synthetic` at this budget" in text

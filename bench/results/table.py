@@ -195,6 +195,11 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
         if declared and used and used != [declared]:
             lines.insert(-1, f"- **column `{col}` runs on `{', '.join(used)}` at this budget** — a stand-in for "
                              f"`{declared}`, so its numbers are not comparable with the paper's")
+    # A column run on the synthetic stand-in measured the pipeline, not the paper's data: its
+    # accuracy cells read "data unavailable", with the stand-in's number beside it in brackets.
+    synthetic_only = {col for col in columns
+                      if {str(c.cfg.data.name) for c in cells if c.column == col and c.cfg is not None} == {"synthetic"}
+                      and OmegaConf.select(table.columns[col], "data.name", default="synthetic") != "synthetic"}
     header = ["row"] + [f"{col} {f}" for col in columns for f in fields]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_key = {(r["row"], r["column"], r["field"]): r for r in records}
@@ -203,7 +208,11 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
         for col in columns:
             for f in fields:
                 rec = by_key.get((row, col, f))
-                cells_txt.append(cell_text(rec, int(table.get("metric", {}).get("digits", 2))) if rec else "–")
+                text = cell_text(rec, int(table.get("metric", {}).get("digits", 2))) if rec else "–"
+                if rec and col in synthetic_only and rec["status"] == "finished":
+                    paper = _fmt(rec["paper"], int(table.get("metric", {}).get("digits", 2))) if rec["paper"] is not None else "–"
+                    text = f"{paper} → *data unavailable* (synthetic stand-in: {_fmt(rec['measured_mean'])})"
+                cells_txt.append(text)
         lines.append("| " + " | ".join([row] + cells_txt) + " |")
     row_notes = [(row, spec.get("cited"), spec.get("note"), spec.get("columns")) for row, spec in table.rows.items()]
     row_notes = [n for n in row_notes if any(n[1:])]
