@@ -97,3 +97,14 @@ def synth(num_classes: int) -> dict:
     """A table column on a tiny synthetic dataset (sweep, report and table tests share it)."""
     return {"data": {"name": "synthetic", "shape": [10], "num_classes": num_classes, "n_train": 160,
                      "n_test": 40, "val_size": 32, "eval_batch_size": 64}}
+
+
+def tanh_mlp_backprop(z: list, weights: list, out_grad):
+    """Backprop by hand through a 3-layer tanh MLP (z_0 input, z_1, z_2 tanh, z_3 output) from
+    ∂L/∂h_3 = ``out_grad``: δ_ℓ = (δ_{ℓ+1} W_{ℓ+1}) ⊙ (1 − z_ℓ²). Returns ({ℓ: ∂L/∂W_ℓ},
+    {ℓ: ∂L/∂z_ℓ} for the hidden layers)."""
+    gz2 = out_grad @ weights[2]
+    g2 = gz2 * (1 - z[2] ** 2)
+    gz1 = g2 @ weights[1]
+    g1 = gz1 * (1 - z[1] ** 2)
+    return {1: g1.T @ z[0], 2: g2.T @ z[1], 3: out_grad.T @ z[2]}, {1: gz1, 2: gz2}

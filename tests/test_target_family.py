@@ -18,7 +18,7 @@ from bench.config import compose
 from bench.models import create_model
 from bench.results.io import read_csv
 from bench.train import train
-from conftest import angle, fixed, load_state, one_run_dir
+from conftest import angle, fixed, load_state, one_run_dir, tanh_mlp_backprop
 
 RULE_CLASSES = {"rlra": RecursiveLRA, "lra_e": LRAE}
 D_IN, WIDTH, CLASSES = 6, 5, 3
@@ -237,12 +237,7 @@ def test_probe_reports_update_and_signal_angles_for_rlra(small_cfg):
                      gamma=float(module.cfg.algorithm.error_gamma), alphas={1: 1.0, 2: 1.0}, kappa=[1, 1, 1])
     with torch.no_grad():  # backprop by hand: δ_L = (softmax − onehot)/B, δ_ℓ = (δ_{ℓ+1} W_{ℓ+1}) ⊙ (1 − z_ℓ²)
         z, W, B = hand["z"], [l.weight.detach() for l in linears], x.shape[0]
-        g3 = (z[3] - F.one_hot(y, CLASSES).float()) / B
-        gz2 = g3 @ W[2]
-        g2 = gz2 * (1 - z[2] ** 2)
-        gz1 = g2 @ W[1]
-        g1 = gz1 * (1 - z[1] ** 2)
-        bp = {1: g1.T @ z[0], 2: g2.T @ z[1], 3: g3.T @ z[2]}
+        bp, gz = tanh_mlp_backprop(z, W, (z[3] - F.one_hot(y, CLASSES).float()) / B)
     names = {1: "net.1", 2: "net.3", 3: "net.5"}
     assert sorted(k for k in values if k.startswith("align/update/")) == sorted(f"align/update/{n}" for n in names.values())
     for l, n in names.items():
@@ -252,7 +247,7 @@ def test_probe_reports_update_and_signal_angles_for_rlra(small_cfg):
     assert values["align/update/net.5"] < 1e-3  # the output layer's update is backprop's
     assert values["align/update/net.1"] > 1.0 and values["align/update/net.3"] > 1.0
     # teaching signal: the error unit e_ℓ against backprop's ∂L/∂z_ℓ, per sample (Launay Eq. 6)
-    for point, l, g_bp in (("net.2", 1, gz1), ("net.4", 2, gz2)):
+    for point, l, g_bp in (("net.2", 1, gz[1]), ("net.4", 2, gz[2])):
         per_sample = [angle(a, b) for a, b in zip(hand["errors"][l], g_bp)]
         assert values[f"align/signal/{point}"] == pytest.approx(statistics.fmean(per_sample), abs=1e-4)
         assert values[f"align/signal_std/{point}"] == pytest.approx(statistics.stdev(per_sample), abs=1e-4)

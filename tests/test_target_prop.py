@@ -18,7 +18,7 @@ from bench.algorithms.target_prop import DifferenceTargetProp, TargetProp
 from bench.callbacks.probe import AlignmentProbe
 from bench.models import create_model
 from bench.train import train
-from conftest import angle, fixed, load_state, one_run_dir
+from conftest import angle, fixed, load_state, one_run_dir, tanh_mlp_backprop
 
 RULE_CLASSES = {"tp": TargetProp, "dtp": DifferenceTargetProp}
 D_IN, WIDTH, CLASSES = 6, 5, 3
@@ -277,12 +277,7 @@ def test_probe_reports_update_and_signal_angles(small_cfg):
                      first="penultimate")
     with torch.no_grad():  # backprop by hand
         z, W, B = hand["z"], [l.weight.detach() for l in linears], x.shape[0]
-        g3 = hand["err_out"] / B
-        gz2 = g3 @ W[2]
-        g2 = gz2 * (1 - z[2] ** 2)
-        gz1 = g2 @ W[1]
-        g1 = gz1 * (1 - z[1] ** 2)
-        bp = {1: g1.T @ z[0], 2: g2.T @ z[1], 3: g3.T @ z[2]}
+        bp, gz = tanh_mlp_backprop(z, W, hand["err_out"] / B)
     names = {1: "net.1", 2: "net.3", 3: "net.5"}
     assert sorted(k for k in values if k.startswith("align/update/")) == sorted(f"align/update/{n}" for n in names.values())
     for l, n in names.items():
@@ -293,7 +288,7 @@ def test_probe_reports_update_and_signal_angles(small_cfg):
     assert values["align/update/net.3"] < 1e-2
     assert values["align/update/net.1"] > 1.0
     # teaching signal: the error unit e_ℓ = z_ℓ − ẑ_ℓ against backprop's ∂L/∂z_ℓ, per sample
-    for point, l, g_bp in (("net.2", 1, gz1), ("net.4", 2, gz2)):
+    for point, l, g_bp in (("net.2", 1, gz[1]), ("net.4", 2, gz[2])):
         per_sample = [angle(e, g) for e, g in zip(hand["z"][l] - hand["t"][l], g_bp)]
         assert values[f"align/signal/{point}"] == pytest.approx(statistics.fmean(per_sample), abs=1e-4)
     for n, p in module.model.named_parameters():  # the probe left the rule's update untouched

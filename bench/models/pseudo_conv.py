@@ -58,7 +58,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from bench.models.base import MODELS, ZooModel
-from bench.models.timm_models import disable_inplace
+from bench.models.timm_models import disable_inplace, resnet_points
 
 INITS = ("kaiming", "gaussian", "xavier")
 
@@ -214,12 +214,7 @@ class PResNet18(ZooModel):
         self.net = net
         init_network(self.net, init, sigma)
         disable_inplace(self.net)
-        blocks = [f"net.{stage}.{i}" for stage in ("layer1", "layer2", "layer3", "layer4")
-                  for i in range(len(getattr(self.net, stage)))]
-        micro = ["net.act1"]
-        for b in blocks:
-            micro += [f"{b}.act1", f"{b}.act2"]
-        self._points = {"micro": micro, "macro": blocks}
+        self._points = resnet_points(self.net)  # the same layout and names as timm:resnet18
 
     def pseudo_convs(self) -> list[str]:
         """Dotted names of the 16 pseudo-convolutions, in forward order."""

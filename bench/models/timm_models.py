@@ -58,12 +58,7 @@ class TimmResNet18(ZooModel):
             nn.init.kaiming_normal_(self.net.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.net.maxpool = nn.Identity()
         disable_inplace(self.net)
-        blocks = [f"net.{stage}.{i}" for stage in ("layer1", "layer2", "layer3", "layer4")
-                  for i in range(len(getattr(self.net, stage)))]
-        micro = ["net.act1"]
-        for b in blocks:
-            micro += [f"{b}.act1", f"{b}.act2"]
-        self._points = {"micro": micro, "macro": blocks}
+        self._points = resnet_points(self.net)
 
     def forward(self, x):
         return self.net(x)
@@ -124,3 +119,14 @@ class TimmVGG16(ZooModel):
 
 
 __all__ = ["TimmResNet18", "TimmVGG16", "disable_inplace"]
+
+
+def resnet_points(net: nn.Module) -> dict[str, list[str]]:
+    """Feedback points of a timm ResNet layout (basic blocks, stages layer1…layer4): micro after the
+    stem and after each block's two activations, macro at each block's output."""
+    blocks = [f"net.{stage}.{i}" for stage in ("layer1", "layer2", "layer3", "layer4")
+              for i in range(len(getattr(net, stage)))]
+    micro = ["net.act1"]
+    for b in blocks:
+        micro += [f"{b}.act1", f"{b}.act2"]
+    return {"micro": micro, "macro": blocks}
