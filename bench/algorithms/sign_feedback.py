@@ -125,9 +125,9 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
         Frobenius norm of the whole matrix or kernel;
       * ``unit``: ``B_t = sign(W_t)`` (Liao et al. 2015's uSF; Xiao et al. 2018's sign symmetry).
 
-    B is derived from W inside each backward, right before the layer uses it (``layer.derive``,
-    :mod:`bench.feedback.replaced`), in place into the existing buffer, so it always matches the
-    weights the backward runs with — also after a resume, a Const/E/I projection or a user's
+    B is derived from W in each training forward, right after the layer's product with W
+    (``layer.derive``, :mod:`bench.feedback.replaced`), in place into the existing buffer, so it
+    always matches the weights the backward runs with — also after a resume, a Const/E/I projection or a user's
     edit — and a layer whose δx is never needed (the first) costs nothing. Anything else that
     reads B (the probe's ∠(W, B), tests) calls :meth:`refresh_feedback` first. Init uses
     |B_t| = |B_0|: ``B.copysign_(W)`` is the whole update (no stored |B_0|). sign(0) is taken as
@@ -159,7 +159,8 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
 
 
 # B from W in one in-place pass over B: a copysign of a magnitude onto W — |B_0| (B's own current
-# magnitude) for Init, the layer's ‖W‖₂/√numel for SN, 1 for unit. Called inside the backward.
+# magnitude) for Init, the layer's ‖W‖₂/√numel for SN, 1 for unit. Called by the forward.
+# One copysign pass beat two integer passes (W & sign bit, | magnitude) in place: 1.07 vs 1.10×BP.
 @torch.no_grad()
 def _derive_init(w: torch.Tensor, b: torch.Tensor) -> None:
     b.copysign_(w)

@@ -116,10 +116,12 @@ class _FALocallyConnectedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, derive, layer):
+        out = LocallyConnected2d.forward(layer, x)
+        if derive is not None and ctx.needs_input_grad[0]:  # as FALinear: W is still in cache
+            derive(weight, feedback)
         ctx.save_for_backward(x, feedback)
         ctx.layer, ctx.has_bias = layer, bias is not None
-        ctx.derive = (derive, weight) if derive is not None else None
-        return LocallyConnected2d.forward(layer, x)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -131,8 +133,6 @@ class _FALocallyConnectedFn(torch.autograd.Function):
         if need_w:
             grad_w = LocallyConnected2d.local_update(grad_out, layer.patches(x))
         if need_x:
-            if ctx.derive is not None:
-                ctx.derive[0](ctx.derive[1], feedback)
             patch_grad = torch.bmm(feedback.transpose(1, 2), grad).permute(2, 1, 0)  # (B, K, L)
             grad_x = F.fold(patch_grad, layer.in_size, layer.kernel_size, padding=layer.padding, stride=layer.stride)
         if need_b and ctx.has_bias:
