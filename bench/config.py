@@ -34,7 +34,7 @@ NULLABLE_TYPES = {"table": "", "row": "", "column": "", "budget": "", "variant":
 # Overrides that change where or how fast a run goes, never what it computes: they do not make
 # a table run a different variant (and so a different run folder).
 NEUTRAL_PREFIXES = ("seed=", "output.", "probe.", "guard.", "trainer.threads=", "trainer.name=",
-                    "trainer.accelerator=", "trainer.precision=")
+                    "trainer.accelerator=", "trainer.precision=", "algorithm.compile=")
 TABLE_KEYS = {"id", "title", "paper", "metric", "columns", "common", "rows", "budgets", "notes", "decisions", "compute", "figure"}
 # Row keys that are not config sections. ``columns``: the row runs only in these columns (the
 # paper reports it for those alone, e.g. rlra-5's skip-gap rows on CIFAR-10); ``cited``: where the
@@ -328,4 +328,5 @@ def config_hash(cfg: DictConfig) -> str:
         plain.pop(key, None)
     for key in ("threads", "name", "accelerator", "precision"):
         plain["trainer"].pop(key, None)
+    plain["algorithm"].pop("compile", None)  # rec-LRA's torch.compile switch: the same numbers, faster
     return hashlib.sha1(OmegaConf.to_yaml(OmegaConf.create(plain)).encode()).hexdigest()[:8]

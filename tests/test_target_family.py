@@ -149,6 +149,39 @@ def test_one_step_matches_algorithm_1_by_hand(small_cfg, case):
         assert (hand["dW"][1] - masked).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("rlra-3layer-g2", "rlra-state-kappa")], ids=lambda c: c[0])
+def test_compiled_closed_form_step_matches_algorithm_1_by_hand(small_cfg, case):
+    """``algorithm.compile=true`` runs the same closed form through torch.compile: same numbers."""
+    _, rule, depth, overrides, wiring, alphas, kappa, act, e_rule = case
+    module, linears = build(small_cfg, rule, depth, *overrides, "algorithm.compile=true")
+    assert module.closed_form and module.compile_update
+    a = module.cfg.algorithm
+    E = {(j, i): module.error_synapses[f"{j}_to_{i}"].detach().clone() for i, j in wiring.items()}
+    x, y = batch()
+    hand = hand_step(linears, E, wiring, x, y, act=act, beta=float(a.beta), gamma=float(a.error_gamma),
+                     alphas=alphas, kappa=kappa, rule=e_rule)
+    for _ in range(2):  # the second step runs the cached compiled graph
+        for p in module.parameters():
+            p.grad = None
+        surrogate, logits, _ = module.objective(x, y)
+        surrogate.backward()
+        assert "_compiled_updates" in module.__dict__
+        assert torch.allclose(logits, hand["h"][depth + 1], atol=1e-5)
+        for l, lin in enumerate(linears, start=1):
+            assert torch.allclose(lin.weight.grad, hand["dW"][l], atol=1e-5), f"ΔW_{l}"
+            assert torch.allclose(lin.bias.grad, hand["db"][l], atol=1e-5), f"Δb_{l}"
+        for (j, i), dE in hand["dE"].items():
+            assert torch.allclose(module.error_synapses[f"{j}_to_{i}"].grad, dE, atol=1e-5), f"ΔE_{j}→{i}"
+
+
+def test_compile_is_refused_where_there_is_no_closed_form(small_cfg):
+    cfg = compose(overrides=["algorithm.name=rlra", "algorithm.compile=true", "model.name=cnn", "model.channels=[2,3]",
+                             "model.kernel=3", "data.name=synthetic", "data.shape=[1,8,8]", "data.num_classes=3"])
+    model = create_model(cfg.model, (1, 8, 8), 3)
+    with pytest.raises(ValueError, match="algorithm.compile applies to the closed-form update"):
+        RecursiveLRA(cfg, model, 3, (1, 8, 8))
+
+
 def test_elastic_units_differ_from_plain(small_cfg):
     """The elastic case is a real test: with α_e = 1 the same net gives different error units."""
     case = CASES[2]
