@@ -4,9 +4,10 @@
   ``backward``), the optimizer step timed apart (for rec-LRA it also steps the error synapses), on
 
   - the rlra-1 MLP (5×256 tanh, 28×28 inputs, batch 128, as the core case ``rlra1-mlp-5x256``),
-    with Eq. 6's error update and with the appendix's ``state`` rule that rlra-1 uses;
+    with Eq. 6's error update and with the appendix's ``state`` rule that rlra-1 uses, each eager
+    and with ``algorithm.compile=true``; and the state rule at rlra-1's own batch of 32;
   - timm ResNet-18 with the CIFAR stem at 32×32 (batch 16), block_update ``rlra`` (conv error
-    synapses into the inner maps) and ``local_bp`` (the paper's alternative).
+    synapses into the inner maps, 3×3 and 1×1) and ``local_bp`` (the paper's alternative).
 
   Rules are interleaved in a shuffled order on the same batch; the ratio is the median over
   repeats of (rule time / BP time in that repeat), as in :mod:`bench.perf`.
@@ -27,9 +28,16 @@ RESNET = ["model.name=timm:resnet18", "model.cifar_stem=true"]
 # (case, model overrides, input shape, batch, {label: (rule, rule overrides)}, target ratio)
 TIME_CASES = [
     ("rlra1-mlp-5x256", MLP, [1, 28, 28], 128,
-     {"rlra": ("rlra", []), "rlra (state)": ("rlra", ["algorithm.error_update=state"])}, 1.0),
+     {"rlra": ("rlra", []), "rlra (state)": ("rlra", ["algorithm.error_update=state"]),
+      "rlra (compiled)": ("rlra", ["algorithm.compile=true"]),
+      "rlra (state, compiled)": ("rlra", ["algorithm.error_update=state", "algorithm.compile=true"])}, 1.0),
+    # rlra-1's own protocol batch (32): per-op overhead weighs most here
+    ("rlra1-mlp-5x256", MLP, [1, 28, 28], 32,
+     {"rlra (state)": ("rlra", ["algorithm.error_update=state"]),
+      "rlra (state, compiled)": ("rlra", ["algorithm.error_update=state", "algorithm.compile=true"])}, 1.0),
     ("resnet18-cifar-32x32", RESNET, [3, 32, 32], 16,
      {"rlra (conv synapses)": ("rlra", ["algorithm.block_update=rlra"]),
+      "rlra (conv synapses, k=1)": ("rlra", ["algorithm.block_update=rlra", "algorithm.synapse_kernel=1"]),
       "rlra (local_bp)": ("rlra", ["algorithm.block_update=local_bp"])}, 1.0),
 ]
 MEMORY_CASES = [
