@@ -417,8 +417,8 @@ def test_one_step_on_conv_nets_updates_every_weight(small_cfg, net):
 
 
 def test_resnet_error_synapse_memory(small_cfg):
-    """Dense E_{L→i} into the stem and the 8 block outputs, 3×3 conv synapses into the inner maps."""
-    module = build_net(small_cfg, RESNET)
+    """Dense E_{L→i} into the stem and the 8 block outputs, k×k conv synapses into the inner maps."""
+    module = build_net(small_cfg, RESNET, "algorithm.synapse_kernel=3")
     sizes = {n: int(torch.Size(s).numel()) for n, s in zip(module.regions.names, module.shapes.values())}
     # CIFAR stem at 8×8: 64×8×8, layer2 128×4×4, layer3 256×2×2, layer4 512×1×1
     assert sizes["net.act1"] == 4096 and sizes["net.layer2.0.act2"] == 2048 and sizes["net.layer4.1.act2"] == 512
@@ -426,6 +426,8 @@ def test_resnet_error_synapse_memory(small_cfg):
     widths = [64, 64, 128, 128, 256, 256, 512, 512]
     conv = 4 * sum(c * c * 9 for c in widths)
     assert module.error_synapse_memory() == {"dense": dense, "conv": conv, "lowrank": 0, "total": dense + conv}
+    pointwise = build_net(small_cfg, RESNET)  # the default k = 1: a ninth of the conv bytes
+    assert pointwise.error_synapse_memory() == {"dense": dense, "conv": conv // 9, "lowrank": 0, "total": dense + conv // 9}
     local = build_net(small_cfg, RESNET, "algorithm.block_update=local_bp")
     assert local.error_synapse_memory()["total"] == dense  # local BP needs no synapses inside the blocks
 
@@ -463,7 +465,7 @@ def test_local_bp_inside_block_equals_backprop_of_the_block_error_units(small_cf
 def test_resnet_inner_region_conv_synapse_by_hand(small_cfg):
     """block_update=rlra: the inner map's d = E ⊛ e_b (3×3 conv), its target, ΔW of conv1 (through
     bn1 only), ΔE = −γ d e_bᵀ as the conv kernel's gradient, and conv2 learning from e_b alone."""
-    module = build_net(small_cfg, RESNET)
+    module = build_net(small_cfg, RESNET, "algorithm.synapse_kernel=3")  # the default 1×1 is the k = 1 case
     x, y = res_batch()
     layers = module.forward_layers(x)
     errors, _, _, _ = module.error_units(layers, y)
@@ -567,7 +569,7 @@ def test_lcnet_step_matches_local_update_by_hand():
     """No norms, g = 2: wiring {3: 4, 2: 4, 1: 2} (E_{4→3}, E_{4→2} dense from the logits, E_{2→1} a
     3×3 conv synapse on e_2 upsampled to z_1's 8×8). Forward per position with a Python loop, targets
     y = tanh(h − βd), ΔW_l = (1/B) Σ_b e_l p_lᵀ for every position l of every LC layer, ΔE = −γ d eᵀ."""
-    module = build_lcnet("algorithm.error_init=gaussian", "algorithm.error_sigma=0.3")
+    module = build_lcnet("algorithm.error_init=gaussian", "algorithm.error_sigma=0.3", "algorithm.synapse_kernel=3")
     lcs = [b.lc for b in module.model.features]
     fc = module.model.classifier
     assert module.source == {3: 4, 2: 4, 1: 2} and module.kinds == {(4, 3): "dense", (4, 2): "dense", (2, 1): "conv"}

@@ -36,8 +36,8 @@ TIME_CASES = [
      {"rlra (state)": ("rlra", ["algorithm.error_update=state"]),
       "rlra (state, compiled)": ("rlra", ["algorithm.error_update=state", "algorithm.compile=true"])}, 1.0),
     ("resnet18-cifar-32x32", RESNET, [3, 32, 32], 16,
-     {"rlra (conv synapses)": ("rlra", ["algorithm.block_update=rlra"]),
-      "rlra (conv synapses, k=1)": ("rlra", ["algorithm.block_update=rlra", "algorithm.synapse_kernel=1"]),
+     {"rlra (1x1 conv synapses)": ("rlra", ["algorithm.block_update=rlra", "algorithm.synapse_kernel=1"]),
+      "rlra (3x3 conv synapses)": ("rlra", ["algorithm.block_update=rlra", "algorithm.synapse_kernel=3"]),
       "rlra (local_bp)": ("rlra", ["algorithm.block_update=local_bp"])}, 1.0),
 ]
 MEMORY_CASES = [
@@ -47,7 +47,8 @@ MEMORY_CASES = [
     ("presnet18-64-cifar-32x32", ["model.name=presnet18", "model.masks=64"], [3, 32, 32]),
 ]
 MEMORY_VARIANTS = {
-    "rlra (conv synapses)": ["algorithm.block_update=rlra", "algorithm.map_synapse=conv"],
+    "rlra (1x1 conv synapses)": ["algorithm.block_update=rlra", "algorithm.map_synapse=conv", "algorithm.synapse_kernel=1"],
+    "rlra (3x3 conv synapses)": ["algorithm.block_update=rlra", "algorithm.map_synapse=conv", "algorithm.synapse_kernel=3"],
     "rlra (lowrank r=16)": ["algorithm.block_update=rlra", "algorithm.map_synapse=lowrank"],
     "rlra (local_bp)": ["algorithm.block_update=local_bp"],
 }
