@@ -128,7 +128,8 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
     B is derived from W in each training forward, right after the layer's product with W
     (``layer.derive``, :mod:`bench.feedback.replaced`), in place into the existing buffer, so it
     always matches the weights the backward runs with — also after a resume, a Const/E/I
-    projection or a user's edit — and a layer whose δx is never needed (the first) costs nothing. Anything else that
+    projection or a user's edit — and a layer whose δx is never needed (the first) costs nothing.
+    A forward under ``no_grad`` leaves B alone (no backward will use it), so anything else that
     reads B (the probe's ∠(W, B), tests) calls :meth:`refresh_feedback` first. Init uses
     |B_t| = |B_0|: ``B.copysign_(W)`` is the whole update (no stored |B_0|). sign(0) is taken as
     ±1 (the sign bit of ±0.0), so a weight at exactly 0 keeps a ±|B_0| feedback where Eq. 4
