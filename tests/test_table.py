@@ -126,6 +126,19 @@ def test_table_renders_end_to_end(tmp_path, table_configs):
     run_cells(again, train_fn)
     assert trained == [("BP", "mnist")]
 
+    # a default that changes after the runs makes FA's finished folder another config's: it is not
+    # rendered as this cell's result, and running it fails with the one-line mismatch, not a silent skip
+    fa_yaml = table_configs / "algorithm" / "fa.yaml"
+    assert "feedback_sigma: 0.05" in fa_yaml.read_text()
+    fa_yaml.write_text(fa_yaml.read_text().replace("feedback_sigma: 0.05", "feedback_sigma: 0.123"))
+    _, changed = expand(TABLE_ID, "tiny", output_root=str(runs))
+    status = {(c.row, c.column): c.status for c in changed}
+    assert status[("BP", "synth")] == "finished" and status[("FA", "synth")] == "pending"
+    trained.clear()
+    run_cells(changed, train_fn)
+    fa = next(c for c in changed if (c.row, c.column) == ("FA", "synth"))
+    assert fa.status == "failed" and "holds a run of a different config" in fa.reason
+
 
 def test_table_figure_has_one_line_per_column_and_the_measured_points(tmp_path):
     """Figures whose points are table rows (dfa-fig4): x from each row's config, y the measured mean."""

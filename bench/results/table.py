@@ -17,7 +17,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.config import compose, load_table, row_columns, run_name, table_budget
+from bench.config import compose, config_hash, load_table, row_columns, run_name, table_budget
 from bench.results.io import write_csv, write_text
 from bench.results.run import device_name, git_commit, read_summary
 
@@ -69,11 +69,20 @@ def expand(table_id: str, budget: str, output_root: str | None = None, overrides
                 else:
                     extra = [f"seed={seed}"] + ([f"output.root={output_root}"] if output_root else []) + list(overrides)
                     cell.cfg = compose(table_id, row, column, budget, extra)
-                    summary = read_summary(Path(cell.cfg.output.root) / run_name(cell.cfg))
-                    if summary and summary["status"] in ("finished", "diverged", "failed"):
+                    run_dir = Path(cell.cfg.output.root) / run_name(cell.cfg)
+                    summary = read_summary(run_dir)
+                    # a folder from another config (a default changed since) is not this cell's
+                    # result: leave it pending, and training it then fails with the one-line
+                    # "holds a run of a different config" instead of rendering stale numbers
+                    if summary and summary["status"] in ("finished", "diverged", "failed") and _same_config(run_dir, cell.cfg):
                         cell.status, cell.summary = summary["status"], summary
                 cells.append(cell)
     return table, cells
+
+
+def _same_config(run_dir: Path, cfg: DictConfig) -> bool:
+    saved = run_dir / "config.yaml"
+    return not saved.exists() or config_hash(OmegaConf.load(saved)) == config_hash(cfg)
 
 
 def run_cells(cells: list[Cell], train_fn: Callable[[DictConfig], dict], progress=None,
