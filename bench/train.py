@@ -27,7 +27,7 @@ from bench.console import interactive, under_ci
 from bench.config import ConfigError, config_hash, run_name
 from bench.data import create_datamodule
 from bench.models import create_model
-from bench.results.run import CKPT_KEY, FINAL_STATUSES, RunRecorder, read_summary
+from bench.results.run import CKPT_KEY, FINAL_STATUSES, RunRecorder, holds_config, read_summary
 
 # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (to keep fork-based strategies safe),
 # which makes torch.optim query NVML on *every* optimizer step: ~0.1 ms per step on a machine
@@ -120,12 +120,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, attempt: int 
 
 def check_same_config(run_dir: Path, cfg: DictConfig) -> None:
     """Refuse to skip or resume a run folder that holds a run of another config."""
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        old = OmegaConf.load(saved)
-        if config_hash(old) != config_hash(cfg):
-            raise ConfigError(f"run folder {run_dir} holds a run of a different config; delete it, or pass "
-                              f"output.root=<another folder>")
+    if not holds_config(run_dir, cfg):
+        raise ConfigError(f"run folder {run_dir} holds a run of a different config; delete it, or pass "
+                          f"output.root=<another folder>")
     ckpt = run_dir / "last.ckpt"
     if ckpt.exists():
         try:  # mmap: only the small header entry is read, not the weights

@@ -523,8 +523,8 @@ class RecursiveLRA(AlgorithmModule):
         # directly. Through the engine, 17 AccumulateGrad nodes cost ~0.45 ms of a ~6 ms step on
         # the 2-core CPU; the returned surrogate is a bare leaf whose backward does nothing else.
         for p, g in zip(params, grads):
-            if g.stride() != p.stride():  # the layout contract AccumulateGrad would enforce
-                g = torch.empty_like(p).copy_(g)
+            if g.stride() != p.stride():  # the layout contract AccumulateGrad enforces on the other path;
+                g = torch.empty_like(p).copy_(g)  # the fused optimizers read .grad in p's layout
             p.grad = g if p.grad is None else p.grad.add_(g)
         return logits.new_zeros((), requires_grad=True), logits, loss
 
@@ -572,10 +572,8 @@ class RecursiveLRA(AlgorithmModule):
         for l in range(L - 1, 0, -1):
             j, E = self.source[l], self.error_matrix(self.source[l], l)
             params.append(E)
-            if l in self._shared_state:
-                # contiguous like E (a transposed grad would be copied by AccumulateGrad anyway,
-                # and the fused optimizers read .grad in the parameter's layout)
-                grads.append(dW[j].t().mul(self.gamma / self.kappa[j - 1]).contiguous())
+            if l in self._shared_state:  # a transposed view: delivery puts it in E's layout
+                grads.append(dW[j].t().mul(self.gamma / self.kappa[j - 1]))
                 continue
             # ΔE_{j→l} = (c/B) s_lᵀ e_j with s_l = z_l (state) or d_l (Eq. 6, c = −γ)
             signal, c = (layers[l - 1][2], self.gamma) if self.state_rule else (disp[l], -self.gamma)
@@ -610,10 +608,11 @@ class RecursiveLRA(AlgorithmModule):
 
 
 def _outer_sum(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale · aᵀ b (rows summed), contiguous. MKL's AᵀB is ~2.5× slower when B is narrow (an
-    output error, 10 columns) than the same product taken as (BᵀA)ᵀ, so the narrow side goes first."""
+    """scale · aᵀ b (rows summed). MKL's AᵀB is ~2.5× slower when B is narrow (an output error,
+    10 columns) than the same product taken as (BᵀA)ᵀ, so the narrow side goes first; the result
+    may then be a transposed view, which delivery copies into the parameter's layout."""
     if b.shape[1] < a.shape[1]:
-        return torch.mm(b.t(), a).mul_(scale).t().contiguous()  # small: the copy is cheap
+        return torch.mm(b.t(), a).mul_(scale).t()
     return torch.mm(a.t(), b).mul_(scale)
 
 

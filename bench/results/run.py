@@ -52,6 +52,13 @@ def best_epoch(rows: list[dict], key: str = "val/err1") -> dict:
     return {"best/val_err1": err, "best/epoch": float(epoch)}
 
 
+def holds_config(run_dir: str | Path, cfg: DictConfig) -> bool:
+    """Whether the run folder's saved ``config.yaml`` (if any) is ``cfg`` as far as the config hash
+    goes; a folder without one holds no other config."""
+    saved = Path(run_dir) / "config.yaml"
+    return not saved.exists() or config_hash(OmegaConf.load(saved)) == config_hash(cfg)
+
+
 def read_summary(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "summary.json"
     return read_json(path) if path.exists() else None

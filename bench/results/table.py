@@ -17,9 +17,9 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.config import compose, config_hash, load_table, row_columns, run_name, table_budget
+from bench.config import compose, load_table, row_columns, run_name, table_budget
 from bench.results.io import write_csv, write_text
-from bench.results.run import device_name, git_commit, read_summary
+from bench.results.run import device_name, git_commit, holds_config, read_summary
 
 NOT_IMPLEMENTED = "not implemented"
 DATA_UNAVAILABLE = "data unavailable"
@@ -74,15 +74,10 @@ def expand(table_id: str, budget: str, output_root: str | None = None, overrides
                     # a folder from another config (a default changed since) is not this cell's
                     # result: leave it pending, and training it then fails with the one-line
                     # "holds a run of a different config" instead of rendering stale numbers
-                    if summary and summary["status"] in ("finished", "diverged", "failed") and _same_config(run_dir, cell.cfg):
+                    if summary and summary["status"] in ("finished", "diverged", "failed") and holds_config(run_dir, cell.cfg):
                         cell.status, cell.summary = summary["status"], summary
                 cells.append(cell)
     return table, cells
-
-
-def _same_config(run_dir: Path, cfg: DictConfig) -> bool:
-    saved = run_dir / "config.yaml"
-    return not saved.exists() or config_hash(OmegaConf.load(saved)) == config_hash(cfg)
 
 
 def run_cells(cells: list[Cell], train_fn: Callable[[DictConfig], dict], progress=None,
