@@ -88,7 +88,7 @@ def fixed(*shape, scale=0.3, offset=0.0) -> torch.Tensor:
 
 def angle(a, b) -> float:
     """Independent angle in degrees (atan2 form, accurate near 0), to check the probe against."""
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
     cross = torch.sqrt(torch.clamp(a.dot(a) * b.dot(b) - a.dot(b) ** 2, min=0.0))
     return math.degrees(math.atan2(float(cross), float(a.dot(b))))
 

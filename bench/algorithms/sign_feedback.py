@@ -160,22 +160,30 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
 
 
 # B from W in one in-place pass over B: a copysign of a magnitude onto W — |B_0| (B's own current
-# magnitude) for Init, the layer's ‖W‖₂/√numel for SN, 1 for unit. Called by the forward.
-# One copysign pass beat two integer passes (W & sign bit, | magnitude) in place: 1.07 vs 1.10×BP.
-@torch.no_grad()
+# magnitude) for Init, the layer's ‖W‖₂/√numel for SN, 1 for unit. Called by the forward, where
+# grad mode is already off (and by refresh_feedback, under no_grad), so no no_grad wrapper: its
+# enter/exit would be paid per layer per step. One copysign pass beat two integer passes
+# (W & sign bit, | magnitude) in place: 1.07 vs 1.10×BP.
 def _derive_init(w: torch.Tensor, b: torch.Tensor) -> None:
     b.copysign_(w)
 
 
-@torch.no_grad()
 def _derive_sn(w: torch.Tensor, b: torch.Tensor) -> None:
-    scale = torch.linalg.vector_norm(w, dtype=b.dtype).mul_(1.0 / math.sqrt(w.numel()))
-    torch.copysign(scale, w, out=b)
+    torch.copysign(_frobenius_norm(w).mul_(1.0 / math.sqrt(w.numel())), w, out=b)
 
 
-@torch.no_grad()
 def _derive_unit(w: torch.Tensor, b: torch.Tensor) -> None:
     torch.copysign(torch.ones((), dtype=b.dtype, device=b.device), w, out=b)
+
+
+def _frobenius_norm(w: torch.Tensor) -> torch.Tensor:
+    """‖W‖₂ of a whole layer. For fp32/fp64 a BLAS dot of the flat weight with itself: 50 µs on
+    an 800×800 layer here against vector_norm's 87 µs. Half precision goes through vector_norm,
+    which accumulates in fp32 (a bf16 dot accumulates in bf16: 0.1 % off at 640k entries)."""
+    if w.dtype in (torch.float32, torch.float64) and w.is_contiguous():
+        flat = w.view(-1)
+        return torch.dot(flat, flat).sqrt_()
+    return torch.linalg.vector_norm(w, dtype=torch.float32)
 
 
 for _name in ("usf_init", "usf_sn", "ss"):
