@@ -34,7 +34,11 @@ NULLABLE_TYPES = {"table": "", "row": "", "column": "", "budget": "", "variant":
 # Overrides that change where or how fast a run goes, never what it computes: they do not make
 # a table run a different variant (and so a different run folder).
 NEUTRAL_PREFIXES = ("seed=", "output.", "probe.", "guard.", "trainer.threads=", "trainer.name=",
-                    "trainer.accelerator=", "trainer.precision=", "algorithm.compile=")
+                    "trainer.accelerator=", "algorithm.compile=")
+# Lightning's names for full fp32. Any other precision (bf16-mixed, 16-mixed, 64-true) computes other
+# numbers, so it is part of the config hash and gives a table run its own variant folder; fp32 stays
+# out of the hash so every fp32 run keeps the folder and hash it had before precision counted.
+FP32_PRECISIONS = ("32-true", "32")
 TABLE_KEYS = {"id", "title", "paper", "metric", "columns", "common", "rows", "budgets", "notes", "decisions", "compute", "figure"}
 # Row keys that are not config sections. ``columns``: the row runs only in these columns (the
 # paper reports it for those alone, e.g. rlra-5's skip-gap rows on CIFAR-10); ``cited``: where the
@@ -288,7 +292,7 @@ def compose(table: str | None = None, row: str | None = None, column: str | None
     layers.append(("command line", cli))
     # A table run with overrides that change the computation is a variant of the row: it gets its
     # own folder, so it never skips or resumes the plain row's run.
-    variant = sorted(o for o in overrides if not o.startswith(NEUTRAL_PREFIXES))
+    variant = sorted(o for o in overrides if not _is_neutral(o))
     variant_id = hashlib.sha1("\n".join(variant).encode()).hexdigest()[:8] if (table and variant) else None
     layers.append(("run keys", {"table": table, "row": row, "column": column, "budget": budget, "variant": variant_id}))
 
@@ -310,6 +314,12 @@ def compose(table: str | None = None, row: str | None = None, column: str | None
     return cfg
 
 
+def _is_neutral(override: str) -> bool:
+    """Does a command-line override leave what a run computes unchanged (see ``config_hash``)?"""
+    key, _, value = override.partition("=")
+    return override.startswith(NEUTRAL_PREFIXES) or (key == "trainer.precision" and value.strip("'\"") in FP32_PRECISIONS)
+
+
 def run_name(cfg: DictConfig) -> str:
     """``<budget>/<table>/<row>/<column>/s<seed>`` for table runs, ``adhoc/<rule>-<model>-<data>-<hash>/s<seed>``
     otherwise. The same config always maps to the same folder (resume/skip relies on it)."""
@@ -326,7 +336,9 @@ def config_hash(cfg: DictConfig) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in ("output", "seed", "probe", "guard"):
         plain.pop(key, None)
-    for key in ("threads", "name", "accelerator", "precision"):
+    for key in ("threads", "name", "accelerator"):
         plain["trainer"].pop(key, None)
+    if str(plain["trainer"].get("precision")) in FP32_PRECISIONS:
+        plain["trainer"].pop("precision")
     plain["algorithm"].pop("compile", None)  # rec-LRA's torch.compile switch: the same numbers, faster
     return hashlib.sha1(OmegaConf.to_yaml(OmegaConf.create(plain)).encode()).hexdigest()[:8]

@@ -100,6 +100,18 @@ def test_table_row_resolves_to_paper_protocol():
     assert compose("rlra-1", "FA", "fmnist", "full", []).trainer.epochs == 500
 
 
+def test_precision_other_than_fp32_is_part_of_the_config():
+    # bf16 computes other numbers than fp32: it must not resume or skip an fp32 run's folder.
+    # fp32 under either of Lightning's names stays out of the hash (fp32 folders keep their names).
+    plain = config.config_hash(compose(overrides=["algorithm.name=fa"]))
+    assert config.config_hash(compose(overrides=["algorithm.name=fa", "trainer.precision=32"])) == plain
+    assert config.config_hash(compose(overrides=["algorithm.name=fa", "trainer.precision=bf16-mixed"])) != plain
+    assert run_name(compose("rlra-1", "FA", "fmnist", "smoke", ["trainer.precision=32-true", "trainer.threads=1"])) \
+        == "smoke/rlra-1/fa/fmnist/s0"
+    bf16 = run_name(compose("rlra-1", "FA", "fmnist", "smoke", ["trainer.precision=bf16-mixed"]))
+    assert bf16.startswith("smoke/rlra-1/fa+") and bf16.endswith("/fmnist/s0")
+
+
 def test_rows_and_columns_resolve_by_slug():
     table = load_table("rlra-1")
     assert resolve_name("row", "rlra-tanh", table.rows.keys(), "rlra-1") == "rLRA, tanh"
