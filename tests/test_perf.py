@@ -1,0 +1,25 @@
+"""The `make perf` harness runs and its ratios are the quotients it claims (no timing asserted:
+performance numbers live in `make perf`, never in tests)."""
+import pytest
+
+from bench import perf
+
+
+def test_epoch_ratios_rows_are_quotients_of_their_timings(tmp_path):
+    rows = {r["benchmark"]: r for r in perf.epoch_ratios(1, tmp_path, limit_batches=8)}
+    suite, plain = rows["suite_epoch"], rows["plain_epoch"]
+    floor = rows["lightning_floor_epoch (vs plain loop)"]
+    # one repeat: each median is that repeat's time, so each ratio is a plain quotient
+    assert suite["ratio_to_bp"] == pytest.approx(suite["median_ms"] / plain["median_ms"])
+    assert floor["ratio_to_bp"] == pytest.approx(floor["median_ms"] / plain["median_ms"])
+    assert rows["suite_over_lightning_floor"]["ratio_to_bp"] == pytest.approx(suite["median_ms"] / floor["median_ms"])
+    assert suite["meets_target"] == (suite["ratio_to_bp"] <= 1.2)
+    assert 0.0 <= rows["probe_overhead"]["ratio_to_bp"] < 1.0
+
+
+def test_update_ratios_time_every_rule_against_bp_in_one_process():
+    case = ("tiny-mlp", ["model.name=mlp", "model.depth=2", "model.width=16"], [1, 8, 8], {"fa": 1.05, "usf_sn": 1.05})
+    rows = perf.update_ratios(repeats=3, batch=4, iters=1, cases=[case])
+    assert [r["rule"] for r in rows] == ["bp", "fa", "usf_sn"]
+    assert rows[0]["ratio_to_bp"] == 1.0 and all(r["median_ms"] > 0 and r["optimizer_step_ms"] > 0 for r in rows)
+    assert [r["meets_target"] == (r["ratio_to_bp"] <= 1.05) for r in rows[1:]] == [True, True]
