@@ -173,7 +173,7 @@ def lightning_floor_epoch(cfg, dm) -> float:
         def train_dataloader(self):
             return dm.train_dataloader()
 
-    class Clock(L.Callback):  # first batch start to last batch end, as EpochTimer measures
+    class Clock(L.Callback):  # epoch start to last batch end, as EpochTimer measures
         def on_train_epoch_start(self, *_):
             self.start = time.perf_counter()
 
