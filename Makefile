@@ -19,7 +19,7 @@ setup: $(STAMP) data ## create .venv, install the package (+dev), install Fashio
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "bpfree-bench needs Python >= 3.11"'
-	@# torch 2.14.1 pulls its CUDA wheels even on CPU machines: the venv is ~6 GB. pip's own
+	@# torch 2.14.1 pulls its CUDA wheels even on CPU machines: the venv is ~6 GB, plus pip's unpacking room. pip's own
 	@# "No space left on device" comes minutes in and names no size, so say it up front.
 	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
 	if [ "$$free_kb" -lt 7000000 ]; then \
