@@ -174,6 +174,37 @@ def test_compiled_closed_form_step_matches_algorithm_1_by_hand(small_cfg, case):
             assert torch.allclose(module.error_synapses[f"{j}_to_{i}"].grad, dE, atol=1e-5), f"ΔE_{j}→{i}"
 
 
+def test_closed_form_updates_reach_grad_the_same_by_either_path(small_cfg, monkeypatch):
+    """Without DDP or a loss scaler the updates are assigned to ``.grad`` directly; that path must
+    equal the autograd-node path (:class:`_Deliver`) value for value, leave every ``.grad`` in its
+    parameter's layout (the fused optimizers read it so), and add into a ``.grad`` already there."""
+    _, rule, depth, overrides, *_ = next(c for c in CASES if c[0] == "rlra-state-kappa")
+    module, _ = build(small_cfg, rule, depth, *overrides)
+    x, y = batch()
+    grads, params, _, _ = module._closed_form_updates(x, y)
+    # the case exercises the layout copy: ΔE of the shared state rule and the narrow-first
+    # products come out as transposed views
+    assert any(g.stride() != p.stride() for g, p in zip(grads, params))
+
+    def step():
+        surrogate, _, _ = module.objective(x, y)
+        surrogate.backward()
+        return [p.grad.clone() for p in params]
+
+    for p in params:
+        p.grad = None
+    direct = step()
+    assert all(p.grad.stride() == p.stride() for p in params)
+    twice = step()  # no zero_grad: accumulates like autograd would
+    for p in params:
+        p.grad = None
+    monkeypatch.setattr(module, "_hooks_need_the_backward", lambda: True)
+    through_autograd = step()
+    for d, t, a, g in zip(direct, twice, through_autograd, grads):
+        assert torch.equal(d, g) and torch.equal(a, g)
+        assert torch.allclose(t, 2 * g, atol=1e-7)
+
+
 def test_compile_is_refused_where_there_is_no_closed_form(small_cfg):
     cfg = compose(overrides=["algorithm.name=rlra", "algorithm.compile=true", "model.name=cnn", "model.channels=[2,3]",
                              "model.kernel=3", "data.name=synthetic", "data.shape=[1,8,8]", "data.num_classes=3"])

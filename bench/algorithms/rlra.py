@@ -513,9 +513,9 @@ class RecursiveLRA(AlgorithmModule):
         (``bench perf --only rlra``). Equal to autograd of S up to float rounding (tests by hand)."""
         updates = self._closed_form_updates
         if self.compile_update:  # compiled on first use (a compiled callable does not pickle)
-            updates = self.__dict__.get("_compiled_updates")
+            updates = getattr(self, "_compiled_updates", None)
             if updates is None:
-                updates = self.__dict__["_compiled_updates"] = torch.compile(self._closed_form_updates)
+                updates = self._compiled_updates = torch.compile(self._closed_form_updates)
         grads, params, logits, loss = updates(x, y)
         if self._hooks_need_the_backward():
             return _Deliver.apply(grads, *params), logits, loss
