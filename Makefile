@@ -8,7 +8,7 @@ BUDGET ?= smoke
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup data test test-slow perf regress baseline
+.PHONY: help setup data test test-slow perf regress baseline readme
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -46,7 +46,7 @@ test: setup ## run the fast test suite (the README's test command)
 test-slow: setup ## run the slow tests too
 	$(PY) -m pytest -q -m "slow or not slow"
 
-reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET), PARALLEL at a time (default 2), render results/<id>.md
+reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET), PARALLEL at a time (default 2), render results/<id>[.<budget>].md
 	$(PY) -m bench sweep $* --local --budget $(BUDGET) --parallel $(or $(PARALLEL),2)
 
 perf: setup ## speed ratios against backprop, written to results/perf/cpu.csv
@@ -57,3 +57,6 @@ regress: setup ## rerun the CI accuracy baselines (results/baselines/cpu.json)
 
 baseline: setup ## re-measure and rewrite the CI accuracy baselines
 	$(PY) -m bench regress --write --baseline results/baselines/cpu.json
+
+readme: setup ## regenerate the README's measured-results block from results/<id>.md and .csv
+	$(PY) -m bench.results.readme

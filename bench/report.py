@@ -12,22 +12,30 @@
 * ``<id>-epoch-time.png``: train-only wall-clock per epoch, one bar per rule and column (mean
   over seeds and epochs, error bar = std over runs).
 
-Every plotting function returns its ``matplotlib`` figure so tests can count series.
-``python -m bench compare A B`` prints two runs or two tables side by side.
+Every plotting function returns its ``matplotlib`` figure so tests can count series. Every
+figure goes through :mod:`bench.results.plots` (the suite's one plotting setup): it states its
+budget, epochs, seeds, device and stand-ins on itself. A report at a budget smaller than the
+table's headline goes to ``<id>.<budget>.md`` and ``*.<budget>.png`` beside it
+(:func:`bench.results.table.result_suffix`).
+
+``python -m bench compare A B`` prints two runs or two tables side by side, with one warning
+line per difference in data, model or budget between the two sides.
 """
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from omegaconf import OmegaConf
+
 from bench.config import ConfigError, run_name, slug, table_ids
+from bench.results import plots
 from bench.results.io import read_csv, read_json, write_text
-from bench.results.table import Cell, aggregate, expand, natural_key, write_table
+from bench.results.table import Cell, aggregate, expand, natural_key, result_suffix, write_table
 
 UPDATE = "align/update/"
 
@@ -63,16 +71,21 @@ def load_runs(cells: list[Cell]) -> list[RunData]:
     return runs
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on clusters or in CI
-    import matplotlib.pyplot as plt
-
-    return plt
+_pyplot = plots.pyplot
 
 
-def plot_alignment(runs: list[RunData], title: str):
+def runs_note(runs: list[RunData], budget: str | None, stand_ins: list[str] = (), seed0: bool = False) -> str:
+    """The provenance line of a report plot drawn from ``runs``."""
+    per_cell: dict[tuple, int] = {}
+    for r in runs:
+        per_cell[(r.row, r.column)] = per_cell.get((r.row, r.column), 0) + 1
+    seeds = 1 if seed0 and runs else max(per_cell.values(), default=0)
+    note = plots.provenance(budget, [r.summary.get("epochs_done") for r in runs if r.summary.get("epochs_done")],
+                            seeds, [r.summary.get("device", "") for r in runs], stand_ins)
+    return note + (" · seed 0 of each cell" if seed0 else "")
+
+
+def plot_alignment(runs: list[RunData], title: str, note: str | None = None):
     """One panel per rule, one line per layer: update angle (degrees) over training steps."""
     runs = [r for r in runs if r.seed == 0 and any(k.startswith(UPDATE) for row in r.probe for k in row)]
     if not runs:
@@ -88,14 +101,14 @@ def plot_alignment(runs: list[RunData], title: str):
         ax.set_ylabel("angle (°)")
         ax.set_ylim(0, 100)
         ax.axhline(90, color="grey", lw=0.5, ls=":")
-        ax.legend(fontsize=7, ncol=min(len(layers), 4), loc="upper right")
+        ax.legend(fontsize=7, ncol=min(len(layers), 4), loc="upper right", title="layer")
     axes[-1, 0].set_xlabel("optimizer step")
     fig.suptitle(f"{title}: update angle to backprop, per layer")
-    fig.tight_layout()
+    plots.annotate(fig, note if note is not None else runs_note(runs, None, seed0=True))
     return fig
 
 
-def plot_error_curves(runs: list[RunData], title: str):
+def plot_error_curves(runs: list[RunData], title: str, note: str | None = None):
     """Train (left) and validation (right) error per epoch, one line per rule."""
     runs = [r for r in runs if r.seed == 0 and r.metrics]
     if not runs:
@@ -109,14 +122,17 @@ def plot_error_curves(runs: list[RunData], title: str):
             ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=3, label=run.row)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
+        plots.integer_ticks(ax)
     axes[0].set_ylabel("error (%)")
-    axes[1].legend(fontsize=8)
+    plots.floor_span(axes[0], [v for line in axes[0].get_lines() + axes[1].get_lines() for v in line.get_ydata()
+                               if not math.isnan(v)])
+    axes[1].legend(fontsize=8, title="rule")
     fig.suptitle(title)
-    fig.tight_layout()
+    plots.annotate(fig, note if note is not None else runs_note(runs, None, seed0=True))
     return fig
 
 
-def plot_epoch_time(runs: list[RunData], title: str):
+def plot_epoch_time(runs: list[RunData], title: str, note: str | None = None):
     """Grouped bars: mean train-only seconds per epoch for each rule, one bar series per column."""
     runs = [r for r in runs if r.summary.get("time", {}).get("epoch_s")]
     if not runs:
@@ -133,52 +149,61 @@ def plot_epoch_time(runs: list[RunData], title: str):
             means.append(statistics.fmean(per_run) if per_run else 0.0)
             stds.append(statistics.stdev(per_run) if len(per_run) > 1 else 0.0)
         xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(xs, means, width, yerr=stds, label=column, capsize=3)
+        multi = any(sum(1 for r in runs if r.row == row and r.column == column) > 1 for row in rows)
+        ax.bar(xs, means, width, yerr=stds if multi else None, label=column, capsize=3)  # bars only with >1 run
     ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right")
     ax.set_ylabel("seconds per epoch (train only)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="column")
     ax.set_title(title)
-    fig.tight_layout()
+    plots.annotate(fig, note if note is not None else runs_note(runs, None))
     return fig
 
 
 def save_png(fig, path: Path) -> Path:
     """Write a figure atomically (a killed report leaves the old PNG or the new one)."""
-    plt = _pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        plt.close(fig)
-    return path
+    return plots.save(fig, path, dpi=110)
 
 
-def make_plots(table: DictConfig, budget: str, cells: list[Cell], plots_dir: Path) -> dict[Path, object]:
-    """Render every plot of a table; return {png path: figure} (figures are closed once saved)."""
+def _stand_ins(table: DictConfig, cells: list[Cell], column: str | None = None) -> list[str]:
+    out = []
+    for col in table.columns:
+        if column is not None and col != column:
+            continue
+        declared = OmegaConf.select(table.columns[col], "data.name", default=None)
+        used = sorted({str(c.cfg.data.name) for c in cells if c.column == col and c.cfg is not None})
+        if declared and used and used != [declared]:
+            out.append(f"{', '.join(used)} stands in for {declared}")
+    return out
+
+
+def make_plots(table: DictConfig, budget: str, cells: list[Cell], plots_dir: Path, suffix: str = "") -> dict[Path, object]:
+    """Render every plot of a table; return {png path: figure} (figures are closed once saved).
+    ``suffix`` goes before ``.png`` (``.smoke`` beside a larger headline)."""
     runs = load_runs(cells)
     figures: dict[Path, object] = {}
     for column in table.columns:
         in_column = [r for r in runs if r.column == column]
         label = f"{table.id} {column} ({budget})"
+        note = runs_note(in_column, budget, _stand_ins(table, cells, column), seed0=True)
         for kind, fn in (("alignment", plot_alignment), ("error", plot_error_curves)):
-            fig = fn(in_column, label)
+            fig = fn(in_column, label, note)
             if fig is not None:
-                figures[plots_dir / f"{table.id}-{slug(column)}-{kind}.png"] = fig
-    fig = plot_epoch_time(runs, f"{table.id}: wall-clock per epoch ({budget})")
+                figures[plots_dir / f"{table.id}-{slug(column)}-{kind}{suffix}.png"] = fig
+    fig = plot_epoch_time(runs, f"{table.id}: wall-clock per epoch ({budget})",
+                          runs_note(runs, budget, _stand_ins(table, cells)))
     if fig is not None:
-        figures[plots_dir / f"{table.id}-epoch-time.png"] = fig
+        figures[plots_dir / f"{table.id}-epoch-time{suffix}.png"] = fig
     return figures
 
 
 def report(table_id: str, budget: str, output_root: str | None = None, results: str | Path = "results",
            overrides: list[str] = ()) -> tuple[Path, list[Path], dict[Path, object]]:
-    """Write ``results/<id>.md`` (+ csv) and the PNGs; return (md, pngs, figures)."""
+    """Write ``results/<id>.md`` (+ csv) and the PNGs, or their ``.<budget>`` names beside a
+    larger headline; return (md, pngs, figures)."""
     results = Path(results)
     table, cells = expand(table_id, budget, output_root=output_root, overrides=list(overrides))
-    figures = make_plots(table, budget, cells, results / "plots")
+    suffix = result_suffix(results, table, budget)  # a larger headline's files are renamed first
+    figures = make_plots(table, budget, cells, results / "plots", suffix)
     pngs = [save_png(fig, path) for path, fig in figures.items()]
     md, text = write_table(table, budget, cells, out_dir=results)
     if pngs:
@@ -201,26 +226,94 @@ def run_metrics(run_dir: Path) -> dict[str, float]:
     return values
 
 
-def table_metrics(table_id: str, budget: str, output_root: str | None = None) -> dict[str, float]:
-    """Measured mean per ``row / column / field`` of a table's finished cells."""
+def table_metrics(table_id: str, budget: str, output_root: str | None = None,
+                  meta: dict | None = None) -> dict[str, float]:
+    """Measured mean per ``row / column / field`` of a table's finished cells. ``meta``, if given,
+    receives what the cells ran on (:func:`run_meta`'s keys)."""
     table, cells = expand(table_id, budget, output_root=output_root)
+    if meta is not None:
+        configs = [c.cfg for c in cells if c.cfg is not None]
+        meta.update({
+            "data": {"name": ", ".join(sorted({str(c.data.name) for c in configs}))},
+            "model": {"name": ", ".join(sorted({str(c.model.name) for c in configs}))},
+            "budget": budget,
+            "epochs": sorted({int(c.summary["epochs_done"]) for c in cells
+                              if c.status == "finished" and c.summary.get("epochs_done") is not None}),
+        })
     return {f"{r['row']} / {r['column']} / {r['field']}": _float(r["measured_mean"])
             for r in aggregate(table, cells)}
 
 
-def resolve(target: str, budget: str, output_root: str | None) -> tuple[str, dict[str, float]]:
+# data keys that say where or how fast the data is read, not what it is
+LOCATION_KEYS = {"root", "download", "num_workers", "pin_memory", "eval_batch_size"}
+
+
+def run_meta(run_dir: Path) -> dict:
+    """What a run measured on: its ``data`` and ``model`` config (from ``config.yaml``, else the
+    names in ``summary.json``), its budget and the epochs it trained."""
+    summary = read_json(run_dir / "summary.json")
+    cfg = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+    section = lambda key: (OmegaConf.to_container(cfg[key], resolve=True)  # noqa: E731
+                           if cfg is not None and key in cfg else ({"name": summary[key]} if summary.get(key) else None))
+    return {"data": section("data"), "model": section("model"),
+            "budget": summary.get("budget") or (cfg.get("budget") if cfg is not None else None),
+            "epochs": [int(summary["epochs_done"])] if summary.get("epochs_done") is not None else []}
+
+
+def resolve(target: str, budget: str, output_root: str | None) -> tuple[str, dict[str, float], dict]:
+    """(name, metrics, meta) of a run folder or a table id at ``budget``."""
     path = Path(target)
     if (path / "summary.json").exists():
-        return str(path), run_metrics(path)
+        return str(path), run_metrics(path), run_meta(path)
     if target in table_ids():
-        return f"{target} ({budget})", table_metrics(target, budget, output_root)
+        meta: dict = {}
+        return f"{target} ({budget})", table_metrics(target, budget, output_root, meta), meta
     raise ConfigError(f"compare: {target!r} is neither a run folder (with summary.json) nor a table id; "
                       f"tables: {', '.join(table_ids())}")
 
 
-def compare_text(a: tuple[str, dict], b: tuple[str, dict]) -> str:
-    """Side by side: metric | A | B | B − A, one line per metric either side has."""
-    (name_a, va), (name_b, vb) = a, b
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _epochs(epochs: list[int]) -> str:
+    return f"{', '.join(map(str, epochs))} epoch{'' if epochs == [1] else 's'}" if epochs else "epochs unknown"
+
+
+def differences(meta_a: dict, meta_b: dict) -> list[str]:
+    """One ``warning:`` line per way the two sides differ in data, model or budget (nothing for
+    what a side does not record)."""
+    warnings = []
+    for part in ("data", "model"):
+        a, b = _flat(meta_a.get(part)), _flat(meta_b.get(part))
+        if not a or not b:
+            continue
+        if part == "data":
+            a, b = ({k: v for k, v in x.items() if k not in LOCATION_KEYS} for x in (a, b))
+        keys = [k for k in sorted(set(a) | set(b), key=lambda k: (k != "name", k)) if a.get(k) != b.get(k)]
+        if keys:
+            shown = "; ".join(f"{k} {a.get(k, '–')} vs {b.get(k, '–')}" for k in keys[:4])
+            warnings.append(f"warning: A and B differ in {part}: {shown}" + (f"; … ({len(keys) - 4} more)" if len(keys) > 4 else ""))
+    ba, bb = meta_a.get("budget"), meta_b.get("budget")
+    ea, eb = meta_a.get("epochs") or [], meta_b.get("epochs") or []
+    if (ba and bb and ba != bb) or (ea and eb and ea != eb):
+        warnings.append(f"warning: A and B differ in budget: {ba or 'no budget'}, {_epochs(ea)} vs "
+                        f"{bb or 'no budget'}, {_epochs(eb)}")
+    return warnings
+
+
+def compare_text(a: tuple, b: tuple) -> str:
+    """Side by side: metric | A | B | B − A, one line per metric either side has, after one
+    warning line per difference in data, model or budget (when ``a`` and ``b`` carry their
+    meta as a third item)."""
+    (name_a, va), (name_b, vb) = a[:2], b[:2]
+    warnings = differences(a[2], b[2]) if len(a) > 2 and len(b) > 2 else []
     keys = sorted(set(va) | set(vb), key=natural_key)
 
     def fmt(v):
@@ -232,7 +325,7 @@ def compare_text(a: tuple[str, dict], b: tuple[str, dict]) -> str:
         diff = y - x if (x is not None and y is not None and not math.isnan(x) and not math.isnan(y)) else None
         rows.append((k, fmt(x), fmt(y), "–" if diff is None else f"{diff:+.4g}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"A: {name_a}", f"B: {name_b}", ""]
+    lines = [f"A: {name_a}", f"B: {name_b}", *warnings, ""]
     for i, r in enumerate(rows):
         lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
         if i == 0:

@@ -106,6 +106,17 @@ def test_report_plots_have_the_expected_series(report_table):
     assert [b.get_label() for b in bars] == ["three", "four"] and all(len(b) == 2 for b in bars)
     assert [r.get_height() for r in bars[1]] == pytest.approx([0.3, 1.1])  # BP/four, FA/four
     assert bars[0][1].get_height() == pytest.approx(0.6)  # FA/three
+    assert ax.containers[0].errorbar is None  # one run per cell: no error bars claiming a spread
+
+    # every plot says what it measured, on itself
+    from bench.results.plots import figure_text
+
+    for path, fig in figures.items():
+        text = figure_text(fig)
+        assert "budget tiny" in text and "cpu" in text, path.name
+        assert ("1 seed per point (no spread measured)" in text) or ("seed 0 of each cell" in text), path.name
+    assert "1, 2 epochs" in figure_text(figures[results / "plots" / f"{TABLE_ID}-epoch-time.png"])
+    assert [ax.get_legend().get_title().get_text() for ax in align.axes] == ["layer", "layer"]
 
 
 def test_compare_two_runs_prints_the_differences(report_table, capsys):
@@ -123,3 +134,34 @@ def test_compare_refuses_what_is_neither_run_nor_table(capsys, tmp_path):
         cli.main(["compare", str(tmp_path / "nothing"), "rlra-1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "neither a run folder" in err
+
+
+def _run_folder(path, data: dict, model: dict, budget: str, epochs: int, err: float):
+    write_json(path / "summary.json", {"status": "finished", "final": {"test/err1": err}, "epochs_done": epochs,
+                                       "budget": budget, "data": data["name"], "model": model["name"]})
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(
+        {"budget": budget, "data": data, "model": model})))
+    return path
+
+
+def test_compare_warns_once_per_difference_in_data_model_or_budget(tmp_path, capsys):
+    mlp = {"name": "mlp", "depth": 3, "width": 800}
+    fmnist = {"name": "fmnist", "batch_size": 32, "root": "/a"}
+    a = _run_folder(tmp_path / "a", fmnist, mlp, "short", 20, 11.5)
+    same = _run_folder(tmp_path / "same", {**fmnist, "root": "/elsewhere"}, mlp, "short", 20, 11.0)
+    other = _run_folder(tmp_path / "other", {"name": "cifar10", "batch_size": 32, "root": "/a"},
+                        {**mlp, "width": 256}, "smoke", 1, 60.0)
+
+    cli.main(["compare", str(a), str(same)])
+    out = capsys.readouterr().out
+    assert "warning" not in out  # the data root says where, not what: no warning
+    assert out.splitlines()[2] == ""
+
+    cli.main(["compare", str(a), str(other)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:5] == [
+        "warning: A and B differ in data: name fmnist vs cifar10",
+        "warning: A and B differ in model: width 800 vs 256",
+        "warning: A and B differ in budget: short, 20 epochs vs smoke, 1 epoch",
+    ]
+    assert lines[5] == "" and next(l for l in lines if l.startswith("test/err1")).split()[1:] == ["11.5", "60", "+48.5"]

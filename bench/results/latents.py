@@ -94,11 +94,9 @@ def tsne(latents: np.ndarray, perplexity: float, iterations: int, seed: int) -> 
 def tsne_figure(table: DictConfig, cells: list, path: Path) -> tuple[Path, list[dict], list[int]]:
     """One t-SNE panel per finished cell (rows × columns, first seed), coloured by true class.
     Returns the PNG path, one record per (cell, score) and the number of classes drawn per panel."""
-    import matplotlib
+    from bench.results import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     spec = table.figure
     n = int(spec.get("samples", 2000))
     perplexity, iterations = float(spec.get("perplexity", 30)), int(spec.get("iterations", 250))
@@ -125,10 +123,5 @@ def tsne_figure(table: DictConfig, cells: list, path: Path) -> tuple[Path, list[
         axes[0][-1].legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), title="class")
     fig.suptitle(f"{table.id}: t-SNE of the top latent layer (perplexity {perplexity:g}, {iterations} iterations)",
                  fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path, records, classes_drawn
+    plots.annotate(fig, plots.cells_provenance(table, cells))
+    return plots.save(fig, path, dpi=110), records, classes_drawn

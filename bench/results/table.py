@@ -4,11 +4,21 @@ Each cell of ``results/<id>.md`` reads ``paper → measured ± std (Δ)``; the h
 budget and device so a smoke number is never mistaken for a reproduction. A row whose rule does
 not exist yet reads ``not implemented``; a column whose data cannot be found reads
 ``data unavailable`` while the other cells still run.
+
+Results layout (one table, several budgets): ``results/<id>.md`` (with ``<id>.csv``, its curve
+and latent CSVs and ``plots/<id>*.png``) is the table's *headline*: the largest budget measured
+(smoke < short < full). A render at a smaller budget than the headline's goes beside it with the
+budget in every file name (``<id>.smoke.md``, ``plots/<id>-fmnist.smoke.png``) and never touches
+the headline's files; a render at a larger budget first renames the headline's files that way
+(:func:`demote`), so nothing measured is lost. ``*.smoke.*`` files are git-ignored: a smoke run
+proves the pipeline and is redone by every main job. Computed tables do not depend on the budget
+and always write the headline.
 """
 from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -18,7 +28,8 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from bench.config import compose, load_table, row_columns, run_name, table_budget
-from bench.results.io import write_csv, write_text
+from bench.results import plots
+from bench.results.io import read_csv, write_csv, write_text
 from bench.results.run import device_name, git_commit, holds_config, read_summary
 
 NOT_IMPLEMENTED = "not implemented"
@@ -284,23 +295,7 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
     return lines
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on clusters or in CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path, dpi: int = 120) -> Path:
-    plt = _pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")  # a killed render leaves the old PNG or the new one
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+_pyplot, _save = plots.pyplot, plots.save  # the one plotting setup (bench/results/plots.py)
 
 
 def _column_label(table: DictConfig, column: str, cells: list[Cell]) -> str:
@@ -309,12 +304,23 @@ def _column_label(table: DictConfig, column: str, cells: list[Cell]) -> str:
     return column if (not used or used == [declared]) else f"{column} (run on {', '.join(used)}: stand-in)"
 
 
+def figure_note(table: DictConfig, records: list[dict], cells: list[Cell], budget: str | None = None) -> str:
+    """The provenance line of a table's figure (:func:`bench.results.plots.provenance`)."""
+    if table.get("compute"):  # computed at initialisation: the points are random draws, not seeds
+        draws = max((int(r.get("seeds") or 0) for r in records), default=0)
+        return plots.provenance(None, seeds=draws, devices=[device_name()], draws="random draw")
+    return plots.cells_provenance(table, cells, budget)
+
+
 def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path: Path,
-                spec: DictConfig | None = None) -> tuple[Path, list[int]]:
+                spec: DictConfig | None = None, note: str | None = None) -> tuple[Path, list[int]]:
     """A paper figure whose points are table rows (``kind: rows``, the default): x is a config
     value of each row (``figure.x``, from the run's config, or from the row itself in a computed
-    table), one panel per field in ``figure.series``, one line per column; error bars are the
-    seed std. Options: ``log_x``, ``log_y``, ``labels`` (per series), ``x_label``.
+    table), one panel per field in ``figure.series``, one line per column. Error bars are the
+    seed std, drawn only where a point is the mean of more than one seed; a panel's y axis never
+    spans less than ``plots.MIN_REL_SPAN`` of its values, so one seed's noise stays flat. The
+    figure states its budget, epochs, seeds, device and stand-ins (``note``, default from the
+    cells). Options: ``log_x``, ``log_y``, ``labels`` (per series), ``x_label``.
     Returns the PNG's path and the number of lines drawn in each panel."""
     plt = _pyplot()
     spec = table.figure if spec is None else spec
@@ -329,24 +335,32 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
     series = list(spec.series)
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
     for ax, name in zip(axes[0], series):
+        drawn, spread = [], 0.0
         for column in table.columns:
-            points = sorted((x_of[r["row"]], r["measured_mean"], r["measured_std"] or 0.0) for r in records
+            points = sorted((x_of[r["row"]], r["measured_mean"], r["measured_std"] or 0.0, int(r.get("seeds") or 1))
+                            for r in records
                             if r["column"] == column and r["field"] == name and r["measured_mean"] is not None
                             and r["row"] in x_of)
             if points:
-                xs, ys, errs = zip(*points)
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=_column_label(table, column, cells))
+                xs, ys, errs, seeds = zip(*points)
+                label = _column_label(table, column, cells)
+                if max(seeds) > 1:  # a spread was measured: show it
+                    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+                    spread = max(spread, *errs)
+                else:  # one seed: no bars (a bar of 0 would claim a spread nobody measured)
+                    ax.plot(xs, ys, marker="o", label=label)
+                drawn += ys
         ax.set_xlabel(str(spec.get("x_label", spec.x)))
         ax.set_ylabel(str(spec.get("labels", {}).get(name, name)))
         if spec.get("log_x"):
             ax.set_xscale("log")
         if spec.get("log_y"):
             ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    lines = [len(ax.containers) for ax in axes[0]]  # errorbar() adds one container per line
+        plots.floor_span(ax, drawn, spread)
+        ax.legend(title=str(spec.get("legend_title", "column (dataset)")))
+    lines = [len(ax.get_legend_handles_labels()[1]) for ax in axes[0]]
     fig.suptitle(f"{table.id}: {spec.get('title', table.title)}", fontsize=10)
-    fig.tight_layout()
+    plots.annotate(fig, note if note is not None else figure_note(table, records, cells))
     return _save(fig, path), lines
 
 
@@ -378,7 +392,8 @@ def run_curves(cells: list[Cell], key: str, file: str = "probe.csv", x: str = "s
             for cell, lines in per_cell.items()}
 
 
-def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictConfig) -> list[tuple[Path, int, list[dict]]]:
+def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictConfig, suffix: str = "",
+                note: str | None = None) -> list[tuple[Path, int, list[dict]]]:
     """A paper figure of quantities over training (``kind: curves``), read from ``probe.csv``
     (``file: metrics.csv`` with ``x: epoch`` for per-epoch quantities such as ``val/err1``):
 
@@ -387,12 +402,13 @@ def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictC
     * ``lines: rows``: one PNG per column, one line per row (sfa Figure 5: the fraction of
       flipped signs of every freezing condition).
 
-    ``rows`` limits the figure to some rows; ``title``, ``x_label``, ``y_label``, ``ylim`` and
-    ``hlines`` (reference lines) set the axes.
+    ``rows`` limits the figure to some rows; ``title``, ``x_label``, ``y_label``, ``ylim``,
+    ``hlines`` (reference lines) and ``legend_title`` set the axes.
 
-    Lines are the mean over the finished seeds at each step. Returns, per PNG, its path, the
-    number of lines drawn and the plotted points (for the figure's CSV)."""
-    plt = _pyplot()
+    Lines are the mean over the finished seeds at each step. Each PNG states its budget, epochs,
+    seeds, device and stand-ins (``note``, default from the cells); ``suffix`` goes before
+    ``.png`` (``.smoke`` beside a larger headline). Returns, per PNG, its path, the number of
+    lines drawn and the plotted points (for the figure's CSV)."""
     from bench.config import slug
 
     key, by = str(spec.key), str(spec.get("lines", "layers"))
@@ -419,28 +435,43 @@ def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictC
                 if (row, column) in curves:
                     panels.append((f"{table.id}{name}-{slug(row)}{col}", f"{row} / {_column_label(table, column, cells)}",
                                    curves[(row, column)]))
+    note = plots.cells_provenance(table, cells) if note is None else note
     out = []
     for stem, subtitle, lines in panels:
         if not lines:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 3.8))
-        for label, points in lines.items():
-            ax.plot([s for s, _ in points], [v for _, v in points], lw=1.3, marker="o" if len(points) < 15 else None,
-                    ms=3, label=label)
-        ax.set_xlabel(str(spec.get("x_label", "optimizer step" if x == "step" else "epoch")))
-        ax.set_ylabel(str(spec.get("y_label", key)))
-        if spec.get("ylim") is not None:
-            ax.set_ylim(*[float(v) for v in spec.ylim])
-        for y in spec.get("hlines", []) or []:
-            ax.axhline(float(y), color="grey", lw=0.6, ls=":")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=1 if len(lines) < 6 else 2)
-        ax.set_title(f"{table.id}: {spec.get('title', table.title)}\n{subtitle}", fontsize=9)
-        fig.tight_layout()
-        path = _save(fig, out_dir / f"{stem}.png")
+        path, n = draw_curves(table, spec, out_dir / f"{stem}{suffix}.png", subtitle, lines, note, by=by)
         points = [{"png": path.name, "line": label, "step": s, "value": v} for label, pts in lines.items() for s, v in pts]
-        out.append((path, len(ax.get_lines()) - len(spec.get("hlines", []) or []), points))
+        out.append((path, n, points))
     return out
+
+
+def draw_curves(table: DictConfig, spec: DictConfig, path: Path, subtitle: str, lines: dict[str, list],
+                note: str, by: str = "layers") -> tuple[Path, int]:
+    """One curve PNG: ``lines`` is {label: [(x, value), ...]}; returns its path and the number of
+    lines drawn. Epochs get whole-number ticks; without ``ylim`` the y axis never spans less than
+    ``plots.MIN_REL_SPAN`` of the values."""
+    plt = _pyplot()
+    key, x = str(spec.key), str(spec.get("x", "step"))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for label, points in lines.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], lw=1.3, marker="o" if len(points) < 15 else None,
+                ms=3, label=label)
+    ax.set_xlabel(str(spec.get("x_label", "optimizer step" if x == "step" else "epoch")))
+    ax.set_ylabel(str(spec.get("y_label", key)))
+    if x == "epoch":
+        plots.integer_ticks(ax)
+    if spec.get("ylim") is not None:
+        ax.set_ylim(*[float(v) for v in spec.ylim])
+    else:
+        plots.floor_span(ax, [v for pts in lines.values() for _, v in pts])
+    for y in spec.get("hlines", []) or []:
+        ax.axhline(float(y), color="grey", lw=0.6, ls=":")
+    ax.legend(ncol=1 if len(lines) < 6 else 2, title=str(spec.get("legend_title", "row" if by == "rows" else "layer")))
+    ax.set_title(f"{table.id}: {spec.get('title', table.title)}\n{subtitle}", fontsize=9)
+    plots.annotate(fig, note)
+    n = len(ax.get_lines()) - len(spec.get("hlines", []) or [])
+    return _save(fig, path), n
 
 
 def figure_specs(table: DictConfig) -> list[DictConfig]:
@@ -458,13 +489,16 @@ def figure_specs(table: DictConfig) -> list[DictConfig]:
 FIGURE_KINDS = ("rows", "curves", "tsne")
 
 
-def render_figures(table: DictConfig, records: list[dict], cells: list[Cell], out_dir: Path) -> tuple[list[Path], list[dict]]:
+def render_figures(table: DictConfig, records: list[dict], cells: list[Cell], out_dir: Path, suffix: str = "",
+                   budget: str | None = None) -> tuple[list[Path], list[dict]]:
     """Every figure of the table; returns the PNGs and the plotted points of curve figures.
     A t-SNE figure (``kind: tsne``, bench/results/latents.py) writes its separation scores to
-    ``<id>-latents.csv`` beside the table."""
+    ``<id>-latents.csv`` beside the table. ``suffix`` goes before every extension (``.smoke``
+    beside a larger headline)."""
     from bench.config import slug
 
     pngs, points = [], []
+    note = figure_note(table, records, cells, budget)
     specs = figure_specs(table)
     for spec in specs:
         kind = str(spec.get("kind", "rows"))
@@ -472,24 +506,98 @@ def render_figures(table: DictConfig, records: list[dict], cells: list[Cell], ou
             if not any(r["measured_mean"] is not None for r in records):
                 continue
             stem = table.id + (f"-{slug(spec.name)}" if spec.get("name") and len(specs) > 1 else "")
-            png, _ = plot_figure(table, records, cells, out_dir / "plots" / f"{stem}.png", spec)
+            png, _ = plot_figure(table, records, cells, out_dir / "plots" / f"{stem}{suffix}.png", spec, note)
             pngs.append(png)
         elif kind == "tsne":
             if not any(c.status == "finished" for c in cells):
                 continue
             from bench.results.latents import tsne_figure
 
-            png, scores, _ = tsne_figure(table, cells, out_dir / "plots" / f"{table.id}.png")
-            write_csv(out_dir / f"{table.id}-latents.csv", scores)
+            png, scores, _ = tsne_figure(table, cells, out_dir / "plots" / f"{table.id}{suffix}.png")
+            write_csv(out_dir / f"{table.id}-latents{suffix}.csv", scores)
             pngs.append(png)
         else:
-            for png, _, pts in plot_curves(table, cells, out_dir / "plots", spec):
+            for png, _, pts in plot_curves(table, cells, out_dir / "plots", spec, suffix, note):
                 pngs.append(png)
                 points += pts
     return pngs, points
 
 
+# --------------------------------------------------------------------------- results layout
+
+BUDGET_ORDER = ("smoke", "short", "full")  # a budget not listed ranks below smoke
+LINK = re.compile(r"\]\(([^)\s:]+)\)")  # relative markdown link targets (no URLs)
+
+
+def budget_rank(budget: str | None) -> int:
+    return BUDGET_ORDER.index(str(budget)) if str(budget) in BUDGET_ORDER else -1
+
+
+def with_suffix(name: str | Path, suffix: str) -> Path:
+    """``rlra-1.md`` → ``rlra-1.smoke.md``, ``plots/x.png`` → ``plots/x.smoke.png``."""
+    p = Path(name)
+    return p.with_name(f"{p.stem}{suffix}{p.suffix}")
+
+
+def headline_budget(out_dir: str | Path, table_id: str) -> str | None:
+    """The budget of the table's headline result in ``out_dir`` (``<id>.csv``'s budget column,
+    else the ``budget:`` line of ``<id>.md``); None when there is none."""
+    out_dir = Path(out_dir)
+    csv_path, md = out_dir / f"{table_id}.csv", out_dir / f"{table_id}.md"
+    if csv_path.exists():
+        rows = read_csv(csv_path)
+        if rows and rows[0].get("budget"):
+            return rows[0]["budget"]
+    if md.exists():
+        m = re.search(r"budget: `([^`]+)`", md.read_text())
+        return m.group(1) if m else None
+    return None
+
+
+def demote(out_dir: str | Path, table_id: str, budget: str) -> list[Path]:
+    """Rename the headline's files (``<id>.md``, ``<id>.csv`` and every file its md links to) to
+    their ``.<budget>`` names, with the md's links rewritten; returns the new paths."""
+    out_dir, suffix = Path(out_dir), f".{budget}"
+    md = out_dir / f"{table_id}.md"
+    moved = []
+    text = md.read_text() if md.exists() else ""
+    for target in dict.fromkeys(LINK.findall(text)):
+        src = out_dir / target
+        if src.is_file() and not src.stem.endswith(suffix):
+            dst = out_dir / with_suffix(target, suffix)
+            os.replace(src, dst)
+            moved.append(dst)
+            text = text.replace(f"]({target})", f"]({with_suffix(target, suffix).as_posix()})")
+    csv_path = out_dir / f"{table_id}.csv"
+    if csv_path.exists():
+        os.replace(csv_path, out_dir / f"{table_id}{suffix}.csv")
+        moved.append(out_dir / f"{table_id}{suffix}.csv")
+    if md.exists():
+        write_text(out_dir / f"{table_id}{suffix}.md", text)
+        md.unlink()
+        moved.append(out_dir / f"{table_id}{suffix}.md")
+    return moved
+
+
+def result_suffix(out_dir: str | Path, table: DictConfig, budget: str) -> str:
+    """Where a render at ``budget`` goes: ``""`` (the headline ``<id>.md``) when no headline
+    exists, it is of the same budget or of a smaller one (which :func:`demote` first renames to
+    ``<id>.<its budget>.*``); else ``".<budget>"``, beside the larger headline, which it never
+    touches. Computed tables are the same at every budget: always the headline."""
+    if table.get("compute"):
+        return ""
+    current = headline_budget(out_dir, table.id)
+    if current is None or current == str(budget):
+        return ""
+    if budget_rank(budget) > budget_rank(current):
+        demote(out_dir, table.id, current)
+        return ""
+    return f".{budget}"
+
+
 def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str | Path = "results") -> tuple[Path, str]:
+    """Render the table at ``budget`` into ``out_dir`` (see the module docstring for the layout);
+    returns the md written and its text."""
     if table.get("compute"):  # computed from the models, nothing trained (bench/results/computed.py)
         from bench.results.computed import COMPUTED
 
@@ -498,16 +606,28 @@ def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str 
         records = aggregate(table, cells)
     text = render_markdown(table, budget, records, cells)
     out_dir = Path(out_dir)
-    pngs, points = render_figures(table, records, cells, out_dir)
+    suffix = result_suffix(out_dir, table, budget)
+    if suffix:
+        lines = text.split("\n")
+        lines.insert(2, f"- **not the headline**: [`{table.id}.md`]({table.id}.md) holds the larger "
+                        f"`{headline_budget(out_dir, table.id)}` budget; this file is the `{budget}` render beside it")
+        text = "\n".join(lines)
+    pngs, points = render_figures(table, records, cells, out_dir, suffix, budget)
     for png in pngs:
         text += f"\n![{png.stem}](plots/{png.name})\n"
-    if any(str(spec.get("kind")) == "tsne" for spec in figure_specs(table)) and (out_dir / f"{table.id}-latents.csv").exists():
+    latents = f"{table.id}-latents{suffix}.csv"
+    if any(str(spec.get("kind")) == "tsne" for spec in figure_specs(table)) and (out_dir / latents).exists():
         text += (f"\nHow well each run's top latent layer separates the classes (silhouette by true class, "
-                 f"5-NN accuracy): [{table.id}-latents.csv]({table.id}-latents.csv).\n")
+                 f"5-NN accuracy): [{latents}]({latents}).\n")
     if points:  # the curves as numbers, beside the PNGs
-        write_csv(out_dir / f"{table.id}-curves.csv", [{"budget": budget, **p} for p in points])
-        text += f"\nThe plotted curves as numbers: [{table.id}-curves.csv]({table.id}-curves.csv).\n"
-    md = out_dir / f"{table.id}.md"
+        curves = f"{table.id}-curves{suffix}.csv"
+        write_csv(out_dir / curves, [{"budget": budget, **p} for p in points])
+        text += f"\nThe plotted curves as numbers: [{curves}]({curves}).\n"
+    md = out_dir / f"{table.id}{suffix}.md"
     write_text(md, text)
-    write_csv(out_dir / f"{table.id}.csv", [{"budget": budget, **r} for r in records])
+    write_csv(out_dir / f"{table.id}{suffix}.csv", [{"budget": budget, **r} for r in records])
+    if not suffix:  # the headline changed: the README's measured numbers follow it
+        from bench.results.readme import refresh_if_repo_results
+
+        refresh_if_repo_results(out_dir)
     return md, text

@@ -1,0 +1,59 @@
+"""The README's measured numbers are generated from the results files and fail this test when
+stale (issue 17 §5: it quoted LRA-E 11.15, rLRA relu 11.73 and rLRA sign 78.62 while
+results/rlra-1.md measured 11.88, 12.37 and 67.80)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from bench.results import readme
+from bench.results.table import Cell, write_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_committed_readme_block_matches_the_results_files():
+    assert not readme.is_stale(REPO / "README.md", REPO / "results"), \
+        "README.md's measured block is stale: run `make readme` (python -m bench.results.readme)"
+
+
+def test_the_readme_quotes_what_results_rlra1_measured():
+    text = (REPO / "README.md").read_text()
+    generated = text[text.index(readme.BEGIN):text.index(readme.END)]
+    rlra1 = next(line for line in generated.splitlines() if line.startswith("| `rlra-1` |"))
+    assert "| short | 3, 20 | 1 |" in rlra1
+    for quoted in ("BP 10.63", "LRA-E 11.88", "rLRA, relu 12.37", "rLRA, sign 67.80", "E-Prop 50.45"):
+        assert quoted in rlra1, quoted
+    outside = text.replace(generated, "")
+    for stale in ("11.15", "11.73", "78.62"):  # the hand-typed numbers the issue found
+        assert stale not in text, stale
+    assert "10.63" not in outside  # measured numbers live only in the generated block
+
+
+def test_a_changed_result_makes_the_readme_stale_and_refresh_fixes_it(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results", results)
+    copy = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", copy)
+    assert not readme.is_stale(copy, results)
+    csv = results / "rlra-1.csv"
+    assert csv.read_text().count(",11.879998207092285,") == 1  # LRA-E / fmnist / test
+    csv.write_text(csv.read_text().replace(",11.879998207092285,", ",9.99,"))
+    assert readme.is_stale(copy, results)
+    assert readme.main(["--check", "--readme", str(copy), "--results", str(results)]) == 1
+    assert readme.refresh(copy, results) is True
+    assert "LRA-E 9.99" in copy.read_text() and not readme.is_stale(copy, results)
+    assert readme.main(["--check", "--readme", str(copy), "--results", str(results)]) == 0
+
+
+def test_a_render_outside_the_repo_results_never_rewrites_the_readme(tmp_path):
+    before = (REPO / "README.md").read_bytes()
+    table = OmegaConf.create({"id": "toy", "title": "t", "metric": {"fields": {"test": "test/err1"}},
+                              "columns": {"c": {}}, "rows": {"r": {}}})
+    write_table(table, "short", [Cell("r", "c", 0, status="finished", summary={"final": {"test/err1": 1.0}})],
+                out_dir=tmp_path / "results")
+    assert (REPO / "README.md").read_bytes() == before
+    block = readme.block(tmp_path / "results")
+    assert "| `toy` | [results/toy.md](results/toy.md) | short |" in block and "c test: r 1.00" in block
