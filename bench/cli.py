@@ -46,7 +46,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     except SIGTERMException:  # Lightning's SIGTERM handler: a SystemExit whose status would be 0
         _fail(f"{run_dir_for(cfg)}: stopped by SIGTERM; run the same command again to resume from its last epoch",
               EXIT_TERMINATED)
-    if summary.get("status") in ("finished", "diverged") and "final" in summary:
+    if summary.get("status") == "diverged" and summary.get("divergence"):  # a result, exit status 0
+        from bench.callbacks.divergence import describe
+
+        print(f"diverged: {run_dir_for(cfg)}  {describe(summary['divergence'])}")
+    elif summary.get("status") in ("finished", "diverged") and "final" in summary:
         final = summary["final"]
         parts = [f"{k}={v:.2f}" for k, v in sorted(final.items()) if k.endswith("err1")]
         print(f"{summary['status']}: {run_dir_for(cfg)}  {' '.join(parts)}  "
@@ -85,6 +89,9 @@ def cmd_table(args: argparse.Namespace) -> None:
             line = f"{cell.label}: {cell.status}"
             if cell.status == "finished":
                 line += f"  test err {cell.summary['final'].get('test/err1', float('nan')):.2f}%"
+            elif cell.status == "diverged" and cell.summary.get("divergence"):
+                d = cell.summary["divergence"]
+                line += f"  ({d['quantity']} non-finite at step {d['step']})"
             progress.console.print(line)
 
         run_cells(todo, train_quietly, progress=report, retry_failed=args.retry_failed)

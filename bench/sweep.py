@@ -343,6 +343,9 @@ def cell_line(cell: Cell) -> str:
     line = f"{cell.label}: {cell.status}"
     if cell.status == "finished":
         line += f"  test err {cell.summary.get('final', {}).get('test/err1', float('nan')):.2f}%"
+    elif cell.status == "diverged" and cell.summary.get("divergence"):  # a result: the agents go on
+        d = cell.summary["divergence"]
+        line += f"  ({d['quantity']} non-finite at step {d['step']})"
     elif cell.reason or cell.summary.get("error"):  # a failed run found on disk has only its summary
         line += f"  ({cell.reason or cell.summary['error']})"
     return line

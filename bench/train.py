@@ -1,8 +1,9 @@
 """Train one run from a resolved config: data → model → rule → Lightning Trainer → run folder.
 
-A run folder that already holds a finished summary is skipped; one with ``last.ckpt`` and no
-final status resumes from it (Lightning restores weights, optimizer, scheduler, loop and
-callback state; the rule's feedback tensors are buffers, so they travel in the state dict).
+A run folder that already holds a finished summary is skipped (its checkpoint is never opened);
+one with ``last.ckpt`` and no final status resumes from it (Lightning restores weights,
+optimizer, scheduler, loop and callback state; the rule's feedback tensors are buffers, so they
+travel in the state dict). Every checkpoint load is ``weights_only=True`` (bench/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from bench.algorithms import RULES
+from bench.callbacks.divergence import DivergenceGuard
 from bench.callbacks.probe import AlignmentProbe
 from bench.callbacks.timing import EpochTimer
 from bench.console import interactive, under_ci
+from bench.checkpoint import SafeCheckpointIO, load_checkpoint
 from bench.config import ConfigError, config_hash, run_name
 from bench.data import create_datamodule
 from bench.models import create_model
@@ -85,10 +87,9 @@ def show_progress(cfg: DictConfig) -> bool:
     return mode == "rich"
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, attempt: int = 0) -> L.Trainer:
-    """``attempt`` counts resumes: each gets its own Lightning log folder, because Lightning's
-    CSV logger deletes an existing ``metrics.csv`` (the run folder's own ``metrics.csv`` is the
-    record; these are the per-step logs, kept for every attempt)."""
+def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
+    """The run's Lightning Trainer. Its checkpoint loads are ``weights_only=True`` (the
+    :class:`SafeCheckpointIO` plugin), including ``fit(ckpt_path=...)``'s resume."""
     t = cfg.trainer
     strategy = t.strategy
     if strategy == "ddp":
@@ -97,7 +98,11 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, attempt: int 
         strategy = DDPStrategy(broadcast_buffers=False)
     if show_progress(cfg):
         callbacks = [*callbacks, RichProgressBar()]
-    loggers = [CSVLogger(run_dir, name="logs", version=f"resume-{attempt}" if attempt else "")]
+    # No Lightning CSV logger: its logs/metrics.csv held the same epoch metrics as the run folder's
+    # metrics.csv and the same probe values as probe.csv, in another layout (one row per logging
+    # call, train and probe values on separate rows), was rewritten from scratch on every resume
+    # (hence one folder per attempt), and nothing read it. The run folder has one metrics.csv, ours.
+    loggers = []
     if cfg.output.wandb != "disabled" and not under_ci():  # W&B is never required, and off under CI
         from lightning.pytorch.loggers import WandbLogger
 
@@ -108,7 +113,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, attempt: int 
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_epochs=t.epochs, max_steps=t.max_steps, deterministic=t.deterministic,
-        callbacks=callbacks, logger=loggers, enable_progress_bar=show_progress(cfg),
+        callbacks=callbacks, logger=loggers or False, enable_progress_bar=show_progress(cfg),
+        plugins=[SafeCheckpointIO()],
         enable_checkpointing=True,  # RunRecorder is the checkpoint callback
         enable_model_summary=False, num_sanity_val_steps=0,
         # Lightning shards torch DataLoaders (ImageNet) with a DistributedSampler and leaves the
@@ -118,34 +124,48 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, attempt: int 
     )
 
 
-def check_same_config(run_dir: Path, cfg: DictConfig) -> None:
-    """Refuse to skip or resume a run folder that holds a run of another config."""
+def check_same_config(run_dir: Path, cfg: DictConfig, checkpoint: bool = True) -> None:
+    """Refuse to skip or resume a run folder that holds a run of another config, or (with
+    ``checkpoint``) whose ``last.ckpt`` is not plain data or was written for another config."""
     if not holds_config(run_dir, cfg):
         raise ConfigError(f"run folder {run_dir} holds a run of a different config; delete it, or pass "
                           f"output.root=<another folder>")
+    if checkpoint:
+        checkpoint_header(run_dir, cfg)
+
+
+def checkpoint_header(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The run folder's ``last.ckpt`` (None if there is none), loaded ``weights_only=True`` and memory-
+    mapped (only the small entries are read, not the weights), after checking it is this config's."""
     ckpt = run_dir / "last.ckpt"
-    if ckpt.exists():
-        try:  # mmap: only the small header entry is read, not the weights
-            saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the file
-            raise ConfigError(f"checkpoint {ckpt} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                              f"delete it to start the run over") from exc
-        saved_hash = saved.get(CKPT_KEY, {}).get("config_hash")
-        if saved_hash is not None and saved_hash != config_hash(cfg):
-            raise ConfigError(f"checkpoint {ckpt} is from a different config (hash {saved_hash}, this run "
-                              f"{config_hash(cfg)}); delete it to start over, or pass output.root=<another folder>")
+    if not ckpt.exists():
+        return None
+    saved = load_checkpoint(ckpt, mmap=True)  # a file that is not plain data: one line, its payload never runs
+    saved_hash = saved.get(CKPT_KEY, {}).get("config_hash")
+    if saved_hash is not None and saved_hash != config_hash(cfg):
+        raise ConfigError(f"checkpoint {ckpt} is from a different config (hash {saved_hash}, this run "
+                          f"{config_hash(cfg)}); delete it to start over, or pass output.root=<another folder>")
+    return saved
+
+
+def resume_line(run_dir: Path, saved: dict, epochs: int) -> str:
+    """The one line a resumed run prints. Epochs are numbered from 0, as in metrics.csv."""
+    done = int(saved.get("epoch", -1)) + 1  # the checkpoint is written at the end of epoch `epoch`
+    return (f"resuming {run_dir}: {done} of {epochs} epochs done (step {int(saved.get('global_step', 0))}), "
+            f"training continues with epoch {done} (numbered from 0, as in metrics.csv)")
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool = True) -> dict:
     """Train (or resume, or skip) one run and return its summary."""
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
     check_runtime(cfg)
-    check_same_config(run_dir, cfg)
-    summary = read_summary(run_dir)
+    check_same_config(run_dir, cfg, checkpoint=False)
+    summary = read_summary(run_dir)  # before the checkpoint: a finished run is skipped unopened
     if summary and summary["status"] in ("finished", "diverged"):
         return summary
     if summary and summary["status"] == "failed" and not retry_failed:
         return summary
+    saved = checkpoint_header(run_dir, cfg)
     quiet_lightning()
     if int(cfg.trainer.threads) > 0:
         torch.set_num_threads(int(cfg.trainer.threads))
@@ -157,12 +177,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool
     model = create_model(cfg.model, datamodule.input_shape, datamodule.num_classes)
     module = RULES.get(str(cfg.algorithm.name))(cfg, model, datamodule.num_classes, datamodule.input_shape)
 
-    probe, timer = AlignmentProbe(), EpochTimer()
-    recorder = RunRecorder(run_dir, cfg, probe=probe, timer=timer, checkpoint=bool(cfg.output.checkpoint))
-    ckpt = recorder.ckpt_path if recorder.ckpt_path.exists() else None
-    attempt = len(list((run_dir / "logs").glob("resume-*"))) + 1 if ckpt else 0
-    trainer = build_trainer(cfg, [timer, probe, recorder], run_dir, attempt)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    probe, timer, guard = AlignmentProbe(), EpochTimer(), DivergenceGuard()
+    recorder = RunRecorder(run_dir, cfg, probe=probe, timer=timer, checkpoint=bool(cfg.output.checkpoint), guard=guard)
+    ckpt = recorder.ckpt_path if saved is not None else None
+    trainer = build_trainer(cfg, [timer, probe, guard, recorder], run_dir)
+    if ckpt is not None and trainer.is_global_zero:
+        print(resume_line(run_dir, saved, int(cfg.trainer.epochs)), file=sys.stderr, flush=True)
+    del saved
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
 
     final = {}
     if module.status != "diverged":

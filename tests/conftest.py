@@ -59,7 +59,7 @@ def one_run_dir(root: Path) -> Path:
 
 
 def load_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(Path(run_dir) / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(Path(run_dir) / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 def cli_env() -> dict[str, str]:

@@ -39,7 +39,7 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 
 def checkpoint(run_dir: Path) -> dict:
-    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -110,9 +110,16 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, referen
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert rerun.stdout.startswith("finished:")
-    # It resumed rather than started over: its own per-step log begins after the checkpoint.
-    resumed_epochs = {int(r["epoch"]) for r in read_csv(run_dir / "logs" / "resume-1" / "metrics.csv") if r.get("epoch")}
-    assert min(resumed_epochs) == killed["epochs_done"]
+    # It says it resumes, and from which epoch: one line ...
+    done = killed["epochs_done"]
+    resumed = [line for line in rerun.stderr.splitlines() if line.startswith("resuming ")]
+    assert resumed == [f"resuming {run_dir}: {done} of {EPOCHS} epochs done (step {ckpt['global_step']}), training "
+                       f"continues with epoch {done} (numbered from 0, as in metrics.csv)"], rerun.stderr[-2000:]
+    # ... and it did resume rather than start over: the epochs before the kill keep their measured
+    # times (restored from the checkpoint; a retrained epoch would have a new wall-clock time).
+    assert json.loads(summary_path.read_text())["time"]["epoch_s"][:done] == killed["time"]["epoch_s"][:done]
+    # One metrics.csv in the run folder, ours: Lightning's CSV logger (logs/metrics.csv) is not used.
+    assert [p.relative_to(run_dir) for p in run_dir.rglob("metrics.csv")] == [Path("metrics.csv")]
     assert not list(run_dir.glob(".*.tmp"))
     assert_same_run(reference, run_dir)
 
@@ -201,7 +208,11 @@ def test_sigterm_leaves_the_run_resumable_not_failed(tmp_path, monkeypatch, caps
         cli.main(["run", *args])
     finally:
         torch.set_num_threads(threads)
-    assert capsys.readouterr().out.startswith("finished:")
+    out = capsys.readouterr()
+    assert out.out.startswith("finished:")
+    # it resumed from the checkpoint, not from scratch, and said so in one line
+    assert out.err.splitlines() == [f"resuming {run_dir}: 1 of 3 epochs done (step {stopped['last_epoch']['step']}), "
+                                    f"training continues with epoch 1 (numbered from 0, as in metrics.csv)"]
     done = json.loads((run_dir / "summary.json").read_text())
     assert done["status"] == "finished" and done["epochs_done"] == 3 and len(done["time"]["epoch_s"]) == 3
-    assert (run_dir / "logs" / "resume-1").is_dir()  # it resumed from the checkpoint, not from scratch
+    assert done["time"]["epoch_s"][0] == stopped["time"]["epoch_s"][0]  # epoch 0 was not trained again

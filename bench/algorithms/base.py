@@ -188,8 +188,6 @@ class AlgorithmModule(L.LightningModule):
         self._probe_due = self.probe_due()
         opt.zero_grad(set_to_none=True)
         surrogate, logits, loss = self.probed_objective(x, y) if self._probe_due else self.objective(x, y)
-        if self.guard_every and batch_idx % self.guard_every == 0 and self._diverged(loss):
-            return None
         self.manual_backward(surrogate)
         if self.tap is not None and not self._probe_due:
             self.tap.clear()  # drop references to this step's activations; the probe clears its own
@@ -199,6 +197,9 @@ class AlgorithmModule(L.LightningModule):
         opt.step()  # the alignment probe runs inside, at on_before_optimizer_step
         self.after_step()
         self._queue_train(logits, y, loss)
+        # Checked on the gradients the optimizer would get: a diverged step is never applied.
+        if self.guard_every and batch_idx % self.guard_every == 0 and self._diverged(loss):
+            return None
         return None
 
     def probed_objective(self, x: torch.Tensor, y: torch.Tensor):
@@ -219,13 +220,11 @@ class AlgorithmModule(L.LightningModule):
         return surrogate, logits, loss
 
     def _diverged(self, loss: torch.Tensor) -> bool:
-        """Divergence guard: a non-finite loss ends the run cleanly with status ``diverged``."""
-        bad = not bool(torch.isfinite(loss.detach()))
-        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            self.status = "diverged"
-            self.trainer.should_stop = True
-        return bad
+        """Divergence guard hook: whether this step's loss or gradients went non-finite (the step is
+        then skipped). The checking, the record and the stop are the ``DivergenceGuard`` callback's
+        (bench/callbacks/divergence.py), which attaches itself here; without it there is no guard."""
+        guard = getattr(self, "divergence_guard", None)
+        return guard is not None and guard.check(self, loss)
 
     def on_train_epoch_end(self) -> None:
         self._log_train()

@@ -67,7 +67,9 @@ def load_trained(run_dir: Path):
     dm.setup("test")
     model = create_model(cfg.model, dm.input_shape, dm.num_classes)
     module = RULES.get(str(cfg.algorithm.name))(cfg, model, dm.num_classes, dm.input_shape)
-    state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    from bench.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run_dir / "last.ckpt")["state_dict"]  # weights_only: a checkpoint never runs code
     module.load_state_dict(state, strict=False)
     return module, dm
 

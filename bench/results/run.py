@@ -73,9 +73,11 @@ def _plain(value):
 
 
 class RunRecorder(Checkpoint):
-    def __init__(self, run_dir: str | Path, cfg: DictConfig, probe=None, timer=None, checkpoint: bool = True):
+    def __init__(self, run_dir: str | Path, cfg: DictConfig, probe=None, timer=None, checkpoint: bool = True,
+                 guard=None):
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.probe, self.timer, self.checkpoint = probe, timer, checkpoint
+        self.guard = guard  # DivergenceGuard: where and why a diverged run stopped
         self.rows: list[dict] = []
 
     @property
@@ -192,5 +194,7 @@ class RunRecorder(Checkpoint):
         }
         if error:
             summary["error"] = error
+        if status == "diverged" and self.guard is not None and self.guard.record:
+            summary["divergence"] = dict(self.guard.record)  # step, epoch, quantity, last finite loss
         write_json(self.run_dir / "summary.json", summary)
         return summary

@@ -173,12 +173,17 @@ def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
                     "delta": (mean - float(paper)) if (mean is not None and paper is not None) else None,
                     "status": status,
                     "reason": next((c.reason for c in group if c.reason), ""),
+                    # where each diverged seed stopped (summary.json "divergence"), e.g. "3" or "3, 7"
+                    "diverged_step": ", ".join(str(s) for s in sorted({c.summary["divergence"]["step"] for c in group
+                                               if c.status == "diverged" and c.summary.get("divergence")})),
                 })
     return records
 
 
 def cell_text(rec: dict, digits: int = 2) -> str:
     paper = _fmt(rec["paper"], digits) if rec["paper"] is not None else "–"
+    if rec["status"] == "diverged" and rec.get("diverged_step"):
+        return f"{paper} → *diverged (step {rec['diverged_step']})*"
     if rec["status"] != "finished":
         return f"{paper} → *{rec['status']}*"
     std = f" ± {_fmt(rec['measured_std'], digits)}" if rec["seeds"] > 1 else ""
