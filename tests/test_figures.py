@@ -111,3 +111,35 @@ def test_floor_span_leaves_a_real_effect_alone():
     lo, hi = ax.get_ylim()
     assert lo < 10.0 and hi > 90.0 and hi - lo < 100.0
     plt.close(fig)
+
+
+def test_committed_figures_redrawn_from_their_csvs_carry_what_was_measured(tmp_path, captured):
+    """The committed PNGs were redrawn from results/*.csv (no run folders here): dfa-fig4 says one
+    seed and is flat; rlra-fig2 says 3 epochs, ticks whole epochs, titles its legend; the
+    sfa-fig5 flips legend is titled."""
+    import shutil
+    from pathlib import Path
+
+    from bench.results.rerender import rerender
+
+    results = tmp_path / "results"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "results", results)
+    drawn, _ = rerender("dfa-fig4", results)
+    assert [p.name for p in drawn] == ["dfa-fig4.png"]
+    fig = captured.pop()
+    acc = fig.axes[0]
+    assert acc.containers == [] and acc.get_ylim()[1] - acc.get_ylim()[0] >= 6.24
+    text = plots.figure_text(fig)
+    assert "budget smoke · 1 epoch · 1 seed per point (no spread measured)" in text
+    assert "fmnist stands in for cifar10" in text
+
+    drawn, _ = rerender("rlra-fig2", results)
+    assert [p.name for p in drawn] == ["rlra-fig2-fmnist.png"]
+    (ax,) = captured.pop().axes
+    assert ax.get_title().endswith("\nfmnist") and ax.get_legend().get_title().get_text() == "rule, activation"
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3, 3, 3]
+
+    drawn, _ = rerender("sfa-fig5", results)
+    flips = captured[[p.name for p in drawn].index("sfa-fig5-flips.png")]
+    assert flips.axes[0].get_legend().get_title().get_text() == "signs freeze after (fraction of training)"
