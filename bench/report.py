@@ -296,7 +296,8 @@ def differences(meta_a: dict, meta_b: dict) -> list[str]:
             continue
         if part == "data":
             a, b = ({k: v for k, v in x.items() if k not in LOCATION_KEYS} for x in (a, b))
-        keys = [k for k in sorted(set(a) | set(b), key=lambda k: (k != "name", k)) if a.get(k) != b.get(k)]
+        # a key one side does not record (a table side records only names) is unknown, not different
+        keys = [k for k in sorted(set(a) & set(b), key=lambda k: (k != "name", k)) if a[k] != b[k]]
         if keys:
             shown = "; ".join(f"{k} {a.get(k, '–')} vs {b.get(k, '–')}" for k in keys[:4])
             warnings.append(f"warning: A and B differ in {part}: {shown}" + (f"; … ({len(keys) - 4} more)" if len(keys) > 4 else ""))

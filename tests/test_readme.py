@@ -57,3 +57,15 @@ def test_a_render_outside_the_repo_results_never_rewrites_the_readme(tmp_path):
     assert (REPO / "README.md").read_bytes() == before
     block = readme.block(tmp_path / "results")
     assert "| `toy` | [results/toy.md](results/toy.md) | short |" in block and "c test: r 1.00" in block
+
+
+def test_a_local_smoke_render_leaves_the_block_unchanged(tmp_path):
+    """The main job writes git-ignored results/rlra-1.smoke.md; the README must not depend on it."""
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results", results)
+    before = readme.block(results)
+    (results / "rlra-1.smoke.md").write_text("# rlra-1\n\n- **budget: `smoke`**\n")
+    (results / "rlra-1.short2.md").write_text("# rlra-1\n")
+    after = readme.block(results)
+    assert after == before.replace("[results/rlra-1.md](results/rlra-1.md) |",
+                                   "[results/rlra-1.md](results/rlra-1.md) (also: [rlra-1.short2.md](results/rlra-1.short2.md)) |")

@@ -165,3 +165,16 @@ def test_compare_warns_once_per_difference_in_data_model_or_budget(tmp_path, cap
         "warning: A and B differ in budget: short, 20 epochs vs smoke, 1 epoch",
     ]
     assert lines[5] == "" and next(l for l in lines if l.startswith("test/err1")).split()[1:] == ["11.5", "60", "+48.5"]
+
+
+def test_compare_a_run_with_a_table_side_warns_only_on_what_both_record():
+    from bench.report import differences
+
+    run = {"data": {"name": "fmnist", "batch_size": 32}, "model": {"name": "mlp", "depth": 5},
+           "budget": "smoke", "epochs": [1]}
+    table = {"data": {"name": "fmnist, mnist"}, "model": {"name": "mlp"}, "budget": "short", "epochs": [3, 20]}
+    assert differences(run, table) == [
+        "warning: A and B differ in data: name fmnist vs fmnist, mnist",
+        "warning: A and B differ in budget: smoke, 1 epoch vs short, 3, 20 epochs",
+    ]
+    assert differences(run, {**run, "data": {"name": "fmnist"}}) == []

@@ -85,7 +85,8 @@ def block(results: str | Path) -> str:
         synthetic = {col for col, used in head["stand_ins"] if used == "synthetic"}
         stand = ", ".join(f"{used} for {col}" for col, used in head["stand_ins"]) or "–"
         budget = "computed (any)" if head["computed"] else (head["budget"] or "–")
-        others = sorted((p.name for p in results.glob(f"{table_id}.*.md")), key=str)
+        # other budgets' files beside the headline; smoke ones are git-ignored local checks, never quoted
+        others = sorted(p.name for p in results.glob(f"{table_id}.*.md") if not p.name.endswith(".smoke.md"))
         also = f" (also: {', '.join(f'[{o}](results/{o})' for o in others)})" if others else ""
         lines.append(f"| `{table_id}` | [results/{table_id}.md](results/{table_id}.md){also} | {budget} | "
                      f"{head['epochs'] if not head['computed'] else '–'} | {head['seeds'] if not head['computed'] else '–'} | "
