@@ -31,11 +31,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         dotlist.append("output.wandb=online")
     # Validate before importing Lightning, so a typo costs a second, not ten.
     cfg = compose(run.get("table"), run.get("row"), run.get("column"), run.get("budget"), dotlist)
+    check_writable(Path(cfg.output.root) / run_name(cfg), "run folder")  # before torch: a config error costs ~1 s
     from bench.data import DataUnavailable
     from bench.train import check_runtime, run_dir_for, train
 
     check_runtime(cfg)
-    check_writable(Path(cfg.output.root) / run_name(cfg), "run folder")
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -239,6 +239,23 @@ def cmd_perf(args: argparse.Namespace) -> None:
         _fail(str(exc), 2)
 
 
+def cmd_options(args: argparse.Namespace) -> None:
+    from bench import options
+
+    if args.readme:
+        path = Path(args.readme)
+        text = path.read_text()
+        if options.README_BEGIN not in text or options.README_END not in text:
+            _fail(f"{path} has no rule-options block (the lines {options.README_BEGIN!r} … {options.README_END!r})", 2)
+        head, rest = text.split(options.README_BEGIN, 1)
+        path.write_text(head + options.readme_block() + rest.split(options.README_END, 1)[1])
+        print(f"wrote the rule-options table of {path}")
+        return
+    if not args.rule:
+        _fail("options: name a rule (e.g. `python -m bench options rlra`), or pass --readme", 2)
+    print(options.format_options(args.rule))
+
+
 def cmd_regress(args: argparse.Namespace) -> None:
     from bench.regress import main as regress_main
 
@@ -319,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke check of the benchmark)")
     p.add_argument("--only", default=None, help="run one benchmark: 'core' or a name in bench/benchmarks/")
     p.set_defaults(func=cmd_perf)
+
+    p = sub.add_parser("options", help="a rule's options: types, ranges, defaults and descriptions")
+    p.add_argument("rule", nargs="?", default=None, help="a rule name (configs/algorithm/<rule>.yaml)")
+    p.add_argument("--readme", nargs="?", const="README.md", default=None,
+                   help="regenerate the rule-options table of this README (default README.md)")
+    p.set_defaults(func=cmd_options)
 
     p = sub.add_parser("regress", help="rerun the CI accuracy baselines and compare")
     p.add_argument("--baseline", default="results/baselines/cpu.json")

@@ -2,15 +2,18 @@
 
 A run's config is merged, in order, from:
 
-1. ``configs/base.yaml`` (every key that exists, with defaults);
-2. the group files chosen by ``algorithm.name``, ``model.name``, ``data.name``, ``trainer.name``;
+1. the declared defaults of every key (:mod:`bench.options`: the shared sections, and the options
+   the chosen rule and model declare next to their classes);
+2. the group files chosen by ``algorithm.name``, ``model.name``, ``data.name``, ``trainer.name``
+   (each holds only what differs from the declared defaults);
 3. the table's ``common`` block, then the row, then the column (``configs/tables/<id>.yaml``);
 4. the budget: ``configs/budget/<name>.yaml``, then the table's and the row's per-budget deltas;
 5. dotlist overrides from the command line (``algorithm.lr=1e-4 seed=3``).
 
-Validation happens before anything is built: every layer is checked against the defaults of
-(1)+(2), so a typo in a key, a value of the wrong type or an unknown group value fails with a
-one-line :class:`ConfigError` naming the key, the value and the valid choices.
+Validation happens before anything is built, and before torch is imported: every layer is checked
+against the declarations, so a typo in a key, a value of the wrong type, a value outside its range
+or choices, or options that contradict each other fail with a one-line :class:`ConfigError` naming
+the key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -22,15 +25,13 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from bench.options import SECTIONS, ConfigError, RunOptions, declared
+
 CONFIG_DIR = Path(os.environ.get("BENCH_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 GROUPS = ("algorithm", "model", "data", "trainer")
 RUN_KEYS = ("table", "row", "column", "budget")
 # A budget file holds these keys; anything else in a budget block must be a config section.
 BUDGET_KEYS = {"name": str, "epochs": int, "train_subset": int, "seeds": int}
-# Keys whose default is null still have a type; a value given for them is checked against it.
-NULLABLE_TYPES = {"table": "", "row": "", "column": "", "budget": "", "variant": "",
-                  "data.train_subset": 0, "algorithm.max_grad_norm": 0.0, "model.block_size": 0,
-                  "algorithm.feedback_device": "", "algorithm.bottleneck_layer": ""}
 # Overrides that change where or how fast a run goes, never what it computes: they do not make
 # a table run a different variant (and so a different run folder).
 NEUTRAL_PREFIXES = ("seed=", "output.", "probe.", "guard.", "trainer.threads=", "trainer.name=",
@@ -50,10 +51,6 @@ def row_columns(table: DictConfig, row: str) -> list[str]:
     """The columns a row runs in: its ``columns:`` list, or every column of the table."""
     only = table.rows[row].get("columns")
     return list(table.columns) if only is None else [str(c) for c in only]
-
-
-class ConfigError(ValueError):
-    """A bad config. ``str()`` is one line meant for the user; the CLI exits with status 2."""
 
 
 class CellNotInTable(ConfigError):
@@ -176,70 +173,59 @@ def table_budget(table: DictConfig, budget: str, row: DictConfig | None = None,
 
 # --------------------------------------------------------------------------- validation
 
-def _type_name(value: Any) -> str:
-    if isinstance(value, (list, ListConfig)):
-        return "list"
-    return type(value).__name__
+def _spec_tree(names: dict[str, str]) -> dict:
+    """Every declared key of a run whose groups are ``names``: top-level keys and one dict per section."""
+    tree: dict = dict(RunOptions.specs())
+    for section in ("algorithm", "model", *SECTIONS):
+        cls = declared(section, names.get(section, ""))
+        tree[section] = cls.specs()
+    return tree
 
 
-def _coerce(key: str, default: Any, value: Any) -> Any:
-    """Return ``value`` converted to the type of ``default``, or raise a one-line ConfigError."""
-    if value is None:
-        return value
-    if default is None:
-        if key not in NULLABLE_TYPES:
-            return value
-        default = NULLABLE_TYPES[key]
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif isinstance(default, str):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif isinstance(default, (list, ListConfig)):
-        if isinstance(value, (list, ListConfig)):
-            if len(default):  # elements take the type of the default's first element
-                return [_coerce(f"{key}[{i}]", default[0], v) for i, v in enumerate(value)]
-            return value
-    else:
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(default)}, got {value!r} ({_type_name(value)})")
-
-
-def check_layer(schema: DictConfig, layer: Any, prefix: str = "") -> DictConfig:
-    """Check ``layer`` against ``schema`` key by key; return it with values coerced to schema types."""
-    out = {}
-    for key, value in (layer or {}).items():
-        path = f"{prefix}{key}"
-        if key not in schema:
-            section = prefix.rstrip(".") or "the top level"
-            raise ConfigError(
-                f"unknown key {path}={value!r}; valid keys of {section}: {', '.join(sorted(map(str, schema.keys())))}"
-            )
-        default = schema[key]
-        if isinstance(default, DictConfig):
-            if not isinstance(value, (dict, DictConfig)):
-                raise ConfigError(f"{path}: expected a section, got {value!r}")
-            out[key] = check_layer(default, value, f"{path}.")
+def _defaults(tree: dict, names: dict[str, str]) -> DictConfig:
+    out: dict = {}
+    for key, spec in tree.items():
+        if isinstance(spec, dict):
+            out[key] = {k: s.default for k, s in spec.items()}
+            if "name" in spec and key in names:
+                out[key]["name"] = names[key]
         else:
-            out[key] = _coerce(path, default, value)
+            out[key] = spec.default
     return OmegaConf.create(out)
 
 
+def check_layer(tree: dict, layer: Any, prefix: str = "") -> DictConfig:
+    """Check ``layer`` against the declared keys; return it with every value converted and checked."""
+    out = {}
+    for key, value in (layer or {}).items():
+        path = f"{prefix}{key}"
+        if key not in tree:
+            section = prefix.rstrip(".") or "the top level"
+            shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+            raise ConfigError(
+                f"unknown key {path}={shown!r}; valid keys of {section}: {', '.join(sorted(map(str, tree.keys())))}"
+            )
+        spec = tree[key]
+        if isinstance(spec, dict):
+            if not isinstance(value, (dict, DictConfig)):
+                raise ConfigError(f"{path}: expected a section, got {value!r}")
+            out[key] = check_layer(spec, value, f"{path}.")
+        else:
+            out[key] = spec.coerce(value)
+    return OmegaConf.create(out)
+
+
+def check_constraints(cfg: DictConfig) -> None:
+    """The declarations' cross-option checks (``Options.check``), on the composed config."""
+    RunOptions.from_config({k: cfg[k] for k in RunOptions.specs()}).check(cfg)
+    for section in ("algorithm", "model", *SECTIONS):
+        declared(section, str(cfg[section].get("name", ""))).from_config(cfg[section]).check(cfg)
+
+
 # --------------------------------------------------------------------------- composition
+
+KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
 
 def parse_cli(args: Iterable[str]) -> tuple[dict, list[str]]:
     """Split ``key=value`` arguments into run keys (table, row, column, budget) and a dotlist.
@@ -252,6 +238,8 @@ def parse_cli(args: Iterable[str]) -> tuple[dict, list[str]]:
         if "=" not in arg:
             raise ConfigError(f"expected key=value, got {arg!r}")
         key, value = arg.split("=", 1)
+        if not KEY_PATTERN.match(key):
+            raise ConfigError(f"bad key {key!r} in {arg!r}; expected dotted names such as algorithm.lr=1e-4")
         if key in RUN_KEYS:
             run[key] = value
         else:
@@ -262,7 +250,9 @@ def parse_cli(args: Iterable[str]) -> tuple[dict, list[str]]:
 def compose(table: str | None = None, row: str | None = None, column: str | None = None,
             budget: str | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Resolve and validate one run's config. Raises :class:`ConfigError` on any problem."""
-    base = _load_yaml(CONFIG_DIR / "base.yaml")
+    overrides = list(overrides)
+    for override in overrides:
+        parse_cli([override])  # the key syntax, also for callers that pass a dotlist directly
     layers: list[tuple[str, Any]] = []
     table_cfg = row_cfg = None
     if table is not None:
@@ -286,9 +276,9 @@ def compose(table: str | None = None, row: str | None = None, column: str | None
         budget_layers, _ = table_budget(table_cfg, budget, row_cfg, table_cfg.columns[column] if table_cfg else None)
         layers += [(f"budget {budget}", layer) for layer in budget_layers]
     try:
-        cli = OmegaConf.from_dotlist(list(overrides))
+        cli = OmegaConf.from_dotlist(overrides)
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"cannot parse overrides {overrides}: {str(exc).splitlines()[0]}") from exc
     layers.append(("command line", cli))
     # A table run with overrides that change the computation is a variant of the row: it gets its
     # own folder, so it never skips or resumes the plain row's run.
@@ -297,20 +287,27 @@ def compose(table: str | None = None, row: str | None = None, column: str | None
     layers.append(("run keys", {"table": table, "row": row, "column": column, "budget": budget, "variant": variant_id}))
 
     # Group names can come from any layer, so find them first, then load their files.
-    probe = OmegaConf.merge(base, *[OmegaConf.create(layer or {}) for _, layer in layers])
-    schema = base.copy()
+    names = {"algorithm": "bp", "model": "mlp", "data": "fmnist", "trainer": "cpu"}
+    for _, layer in layers:
+        for group in GROUPS:
+            name = OmegaConf.select(OmegaConf.create(layer or {}), f"{group}.name", default=None) \
+                if isinstance(layer, (dict, DictConfig)) or layer is None else None
+            if name is not None:
+                names[group] = str(name)
+    group_layers = []
     for group in GROUPS:
-        name = str(probe[group].name)
-        path = group_file(group, name)
+        path = group_file(group, names[group])
         if not path.exists():
-            raise ConfigError(f"unknown {group} {name!r}; valid choices: {', '.join(group_choices(group))}")
-        schema = OmegaConf.merge(schema, {group: _load_yaml(path)})
-    cfg = schema.copy()
-    for where, layer in layers:
+            raise ConfigError(f"unknown {group} {names[group]!r}; valid choices: {', '.join(group_choices(group))}")
+        group_layers.append((f"configs/{group}/{path.name}", {group: _load_yaml(path)}))
+    tree = _spec_tree(names)
+    cfg = _defaults(tree, names)
+    for where, layer in group_layers + layers:
         try:
-            cfg = OmegaConf.merge(cfg, check_layer(schema, layer))
+            cfg = OmegaConf.merge(cfg, check_layer(tree, layer))
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in {where})") from None
+    check_constraints(cfg)
     return cfg
 
 

@@ -240,8 +240,10 @@ def test_non_mlp_model_fails_with_one_line():
     (["algorithm.n_free=0"], "n_free"),
 ])
 def test_bad_configs_fail_with_one_line(small_cfg, overrides, message):
-    cfg = small_cfg("algorithm.name=eprop", "data.shape=[1,6,6]", *overrides)
-    model = create_model(cfg.model, (1, 6, 6), 3)
+    """Bad options fail when the config is composed (before any model exists); models the rule
+    cannot read fail when the rule is built. Either way: one line."""
     with pytest.raises(ConfigError, match=message) as exc:
+        cfg = small_cfg("algorithm.name=eprop", "data.shape=[1,6,6]", *overrides)
+        model = create_model(cfg.model, (1, 6, 6), 3)
         EquilibriumPropagation(cfg, model, 3, (1, 6, 6))
     assert "\n" not in str(exc.value)

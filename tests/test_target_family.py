@@ -364,8 +364,10 @@ def test_recursion_depth_wiring_and_levels(small_cfg):
     assert module.level == {7: 3, 6: 2, 5: 3, 4: 1, 3: 3, 2: 2, 1: 3}
     flat, _ = build(small_cfg, "rlra", 3, "algorithm.recursion_depth=1", "algorithm.skip_gap=3")
     assert flat.source == {1: 4, 2: 4, 3: 4} and set(flat.level.values()) == {1}
-    pairwise, _ = build(small_cfg, "lra_e", 3, "algorithm.recursion_depth=3")
+    pairwise, _ = build(small_cfg, "lra_e", 3)
     assert pairwise.source == {1: 2, 2: 3, 3: 4}
+    with pytest.raises(ValueError, match="unknown key algorithm.recursion_depth"):  # LRA-E has no recursion
+        build(small_cfg, "lra_e", 3, "algorithm.recursion_depth=3")
     with pytest.raises(ValueError, match="recursion_depth"):
         build(small_cfg, "rlra", 2, "algorithm.recursion_depth=0")
     with pytest.raises(ValueError, match="valid choices: conv, lowrank, dense"):

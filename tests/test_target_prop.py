@@ -308,7 +308,7 @@ def test_inverses_are_optimizer_parameters_and_bad_options_fail(small_cfg):
                        ("algorithm.inverse_loss=l1", "valid choices: preserving, denoising"),
                        ("algorithm.inverse_activation=swish", "valid choices: same, tanh"),
                        ("algorithm.inverse_init=orthogonal", "valid choices: default, gaussian"),
-                       ("algorithm.noise=-1.0", "noise must be")):
+                       ("algorithm.noise=-1.0", r"algorithm.noise=-1.0 is not valid; expected float \(≥ 0|≥ 0")):
         with pytest.raises(ValueError, match=match):
             build(small_cfg, "dtp", 2, bad)
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bench.feedback.points import PointTap
+from bench.options import AlgorithmOptions, declared
 from bench.registry import Registry
 
 RULES: Registry = Registry("algorithm")
@@ -38,13 +39,15 @@ class AlgorithmModule(L.LightningModule):
         self.num_classes = int(num_classes)
         self.input_shape = tuple(input_shape)
         self.status = "running"
-        granularity = str(cfg.algorithm.get("granularity", "micro"))
-        self.tap = PointTap(model, model.feedback_points(granularity)) if hasattr(model, "feedback_points") else None
+        # The rule's typed options (bench/options.py; each rule declares its own next to its class).
+        self.opts: AlgorithmOptions = declared("algorithm", str(cfg.algorithm.name)).from_config(cfg.algorithm)
+        self.tap = (PointTap(model, model.feedback_points(self.opts.granularity))
+                    if hasattr(model, "feedback_points") else None)
         # Hot-path settings as plain attributes: an OmegaConf lookup costs ~60 µs, a step ~1 ms.
         self.probe_every = int(cfg.probe.every)
         self.probe_signals = bool(cfg.probe.signals)
         self.guard_every = int(cfg.guard.every)
-        self.max_grad_norm = None if cfg.algorithm.max_grad_norm is None else float(cfg.algorithm.max_grad_norm)
+        self.max_grad_norm = self.opts.max_grad_norm
         self._probe_due = False
         self.probe_seconds = 0.0  # written by the alignment probe, read by the epoch timer
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
@@ -153,7 +156,7 @@ class AlgorithmModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> Any:
-        a = self.cfg.algorithm
+        a = self.opts
         # Every parameter of the rule module: the model's, and any the rule owns itself (rec-LRA's
         # error synapses), so the configured optimizer steps them all and DDP averages them all.
         params = [p for p in self.parameters() if p.requires_grad]
@@ -165,8 +168,8 @@ class AlgorithmModule(L.LightningModule):
             opt = torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay, **fast)
         elif a.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay, **fast)
-        else:
-            raise ValueError(f"unknown optimizer {a.optimizer!r}; valid choices: adam, adamw, sgd")
+        else:  # the declaration's choices (AlgorithmOptions.optimizer) are checked before the run starts
+            raise AssertionError(a.optimizer)
         if a.scheduler == "none":
             return opt
         if a.scheduler == "step":
@@ -176,7 +179,7 @@ class AlgorithmModule(L.LightningModule):
         elif a.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=a.gamma, patience=a.patience)
         else:
-            raise ValueError(f"unknown scheduler {a.scheduler!r}; valid choices: none, step, multistep, plateau")
+            raise AssertionError(a.scheduler)
         return {"optimizer": opt, "lr_scheduler": sched}
 
     def probe_due(self) -> bool:
@@ -194,12 +197,12 @@ class AlgorithmModule(L.LightningModule):
         self.after_backward()
         if self.max_grad_norm is not None:
             reproject_(self.parameters(), self.max_grad_norm)
-        opt.step()  # the alignment probe runs inside, at on_before_optimizer_step
-        self.after_step()
-        self._queue_train(logits, y, loss)
         # Checked on the gradients the optimizer would get: a diverged step is never applied.
         if self.guard_every and batch_idx % self.guard_every == 0 and self._diverged(loss):
             return None
+        opt.step()  # the alignment probe runs inside, at on_before_optimizer_step
+        self.after_step()
+        self._queue_train(logits, y, loss)
         return None
 
     def probed_objective(self, x: torch.Tensor, y: torch.Tensor):

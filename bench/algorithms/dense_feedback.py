@@ -32,10 +32,22 @@ import torch
 from torch import nn
 
 from bench.algorithms.base import RULES
-from bench.algorithms.feedback_alignment import FeedbackAlignment
-from bench.config import ConfigError
+from bench.algorithms.feedback_alignment import FAOptions, FeedbackAlignment
 from bench.feedback.direct import DirectFeedback
 from bench.feedback.points import PointTap
+from bench.options import FEEDBACK_INITS, ClassVar, ConfigError, Literal, opt
+
+
+class DenseFAOptions(FAOptions):
+    names: ClassVar[tuple[str, ...]] = ("dense_fa",)
+
+    feedback_init: Literal[FEEDBACK_INITS] = opt("kaiming", "the adjacent FA matrices B: kaiming (variance 1/n_out, "
+                                                            "sfa §5.1) | xavier | gaussian (σ) | uniform")
+    skip_init: Literal["gaussian", "uniform"] = opt("gaussian", "skip matrices U_ij ~ N(0, 1) | U(-√3, √3) (same variance)")
+    normalize: bool = opt(True, "C_{k,i} = U/√(l_i·l_k), DFA's normalisation (Launay Eq. 7–8) with the source size as e")
+    unified: bool = opt(True, "one matrix per source layer sliced per target (Launay §3.1), vs one per (source, target)")
+    max_feedback_mb: float = opt(1024.0, "refuse a model whose skip matrices exceed this (sfa §4: memory precluded "
+                                         "large models)", gt=0)
 
 
 class _SkipFeedback(torch.autograd.Function):
@@ -59,14 +71,14 @@ class _SkipFeedback(torch.autograd.Function):
 class DenseFeedbackAlignment(FeedbackAlignment):
     def setup_rule(self) -> None:
         super().setup_rule()  # FA: every Linear/Conv2d converted, the adjacent path
-        a = self.cfg.algorithm
+        a: DenseFAOptions = self.opts
         if self.tap is None or not self.tap.names:
             raise ConfigError(f"dense_fa: model {self.cfg.model.name} exposes no feedback points")
-        granularity = str(a.get("granularity", "micro"))
+        granularity = a.granularity
         self.points = PointTap(self.model, self.model.feedback_points(granularity))
         layer_sizes, targets = self._chain(granularity)
         mb = 4 * sum(max(sizes) * l for l, sizes in zip(layer_sizes, targets) if sizes) / 2 ** 20
-        if mb > float(a.max_feedback_mb):
+        if mb > a.max_feedback_mb:
             raise ConfigError(f"dense_fa: the skip matrices of {self.cfg.model.name} at input {list(self.input_shape)} "
                               f"need {mb:.0f} MB > algorithm.max_feedback_mb={a.max_feedback_mb} "
                               f"(sfa §4: DenseFA's memory precludes large models)")
@@ -76,8 +88,8 @@ class DenseFeedbackAlignment(FeedbackAlignment):
         for k, (l_k, sizes) in enumerate(zip(layer_sizes, targets)):
             if sizes:
                 self._skip_of[k] = len(self.skips)
-                self.skips.append(DirectFeedback(sizes, l_k, unified=bool(a.unified), normalize=bool(a.normalize),
-                                                 init=str(a.skip_init), seed=int(self.cfg.seed) + 1009 * (k + 2)))
+                self.skips.append(DirectFeedback(sizes, l_k, unified=a.unified, normalize=a.normalize,
+                                                 init=a.skip_init, seed=int(self.cfg.seed) + 1009 * (k + 2)))
         self._ordered = list(self.layers.values())
         self._active = True
         self._hooks = [layer.register_forward_hook(self._skip_hook) for layer in self._ordered]

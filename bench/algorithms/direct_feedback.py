@@ -29,22 +29,33 @@ import torch.nn.functional as F
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.direct import DirectFeedback
 from bench.models.base import point_sizes
+from bench.options import AlgorithmOptions, ClassVar, Literal, opt
+
+
+class DirectOptions(AlgorithmOptions):
+    names: ClassVar[tuple[str, ...]] = ("dfa", "sdfa", "drtp")
+
+    feedback_init: Literal["gaussian", "uniform"] = opt("gaussian", "U_ij ~ N(0, 1) (Launay Eq. 7) | U(-1, 1)·√3 (same variance)")
+    normalize: bool = opt(True, "B = U/√(l_max·e), slice i rescaled by √(l_max/l_i) (Launay Eq. 7–8)")
+    unified: bool = opt(True, "one matrix sliced per layer (Launay §3.1) vs one independent matrix per layer")
+    feedback_device: str | None = opt(None, "e.g. cuda:1: keep B and the projection on another device (Launay §2.3)")
+    bottleneck_layer: str | None = opt(None, "dfa §4.2 bottleneck: a layer name (e.g. net.3) whose neurons are masked")
+    bottleneck_neurons: int = opt(-1, "trainable neurons kept in bottleneck_layer (drawn once); -1 = off", ge=-1)
 
 @RULES.register("dfa")
 class DirectFeedbackAlignment(AlgorithmModule):
     signal = "error"
 
     def setup_rule(self) -> None:
-        a = self.cfg.algorithm
+        a: DirectOptions = self.opts
         if self.tap is None or not self.tap.names:
             raise ValueError(f"{a.name}: model {self.cfg.model.name} exposes no feedback points")
-        granularity = str(a.get("granularity", "micro"))
-        sizes = list(point_sizes(self.model, self.input_shape, granularity).values())
+        sizes = list(point_sizes(self.model, self.input_shape, a.granularity).values())
         self.feedback = DirectFeedback(sizes, self.num_classes, unified=a.unified, normalize=a.normalize,
                                        init=a.feedback_init, seed=int(self.cfg.seed) + 1)
-        self.feedback_device = a.get("feedback_device")
+        self.feedback_device = a.feedback_device
         self.tap.cut = True
-        self._setup_bottleneck(a.get("bottleneck_layer"), int(a.get("bottleneck_neurons", -1)))
+        self._setup_bottleneck(a.bottleneck_layer, a.bottleneck_neurons)
 
     def _setup_bottleneck(self, layer: str | None, neurons: int) -> None:
         """Launay §4.2: zero the gradient of all but ``neurons`` output neurons of ``layer``, chosen

@@ -12,13 +12,22 @@ from contextlib import contextmanager
 
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.replaced import convert_to_feedback, feedback_layers
+from bench.options import FEEDBACK_INITS, AlgorithmOptions, ClassVar, Literal, opt
+
+
+class FAOptions(AlgorithmOptions):
+    names: ClassVar[tuple[str, ...]] = ("fa",)
+
+    feedback_init: Literal[FEEDBACK_INITS] = opt("gaussian", "draw of the fixed feedback B: gaussian (σ, the papers' "
+                                                             "plain init) | xavier | kaiming | uniform")
+    feedback_sigma: float = opt(0.05, "σ of the gaussian/uniform draw of B", gt=0)
 
 
 @RULES.register("fa")
 class FeedbackAlignment(AlgorithmModule):
     def setup_rule(self) -> None:
-        a = self.cfg.algorithm
-        self.converted = convert_to_feedback(self.model, a.feedback_init, a.feedback_sigma, seed=int(self.cfg.seed) + 1)
+        self.converted = convert_to_feedback(self.model, self.opts.feedback_init, self.opts.feedback_sigma,
+                                             seed=int(self.cfg.seed) + 1)
         if not self.converted:
             raise ValueError(f"fa: model {self.cfg.model.name} has no Linear/Conv2d layer to convert")
         self.layers = feedback_layers(self.model)

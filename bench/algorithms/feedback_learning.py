@@ -13,8 +13,25 @@ import torch
 import torch.nn.functional as F
 
 from bench.algorithms.base import RULES
-from bench.algorithms.feedback_alignment import FeedbackAlignment
+from bench.algorithms.feedback_alignment import FAOptions, FeedbackAlignment
 from bench.feedback.noise import SharedNoise
+from bench.options import ClassVar, opt
+
+
+class KPOptions(FAOptions):
+    names: ClassVar[tuple[str, ...]] = ("kp",)
+
+    kp_decay: float = opt(1.0e-4, "λ: B − W decays by (1 − ηλ) per step; equal to weight_decay under sgd it is "
+                                  "Akrout et al.'s rule exactly", ge=0)
+
+
+class WMOptions(FAOptions):
+    names: ClassVar[tuple[str, ...]] = ("wm",)
+
+    mirror_every: int = opt(1, "a mirror phase after every this many optimizer steps; 0 = never", ge=0)
+    mirror_batch: int = opt(64, "noise samples per layer per mirror phase", ge=1)
+    mirror_rate: float = opt(0.01, "α: B ← (1 − α)B + α·yxᵀ/n", gt=0, le=1)
+    mirror_size: int = opt(4, "convs: noise images of mirror_size × mirror_size output positions (unpadded)", ge=1)
 
 
 class _LearnedFeedback(FeedbackAlignment):
@@ -41,7 +58,7 @@ class KolenPollack(_LearnedFeedback):
 
     def setup_rule(self) -> None:
         super().setup_rule()
-        self.kp_decay = float(self.cfg.algorithm.get("kp_decay", 1.0e-4))
+        self.kp_decay = self.opts.kp_decay
         self._kp_lr: float | None = None
 
     @torch.no_grad()
@@ -89,11 +106,9 @@ class WeightMirrors(_LearnedFeedback):
 
     def setup_rule(self) -> None:
         super().setup_rule()
-        a = self.cfg.algorithm
-        self.mirror_every = int(a.get("mirror_every", 1))
-        self.mirror_batch = int(a.get("mirror_batch", 64))
-        self.mirror_rate = float(a.get("mirror_rate", 0.01))
-        self.mirror_size = int(a.get("mirror_size", 4))
+        a: WMOptions = self.opts
+        self.mirror_every, self.mirror_batch = a.mirror_every, a.mirror_batch
+        self.mirror_rate, self.mirror_size = a.mirror_rate, a.mirror_size
         self.mirror_noise = SharedNoise(int(self.cfg.seed) + self.MIRROR_SEED_OFFSET)
         self._mirror_steps = 0
 

@@ -109,12 +109,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.algorithms.base import RULES, AlgorithmModule
-from bench.feedback.init import FEEDBACK_INITS, feedback_tensor
+from bench.feedback.init import feedback_tensor
 from bench.models.locally_connected import LocallyConnected2d
+from bench.options import FEEDBACK_INITS, AlgorithmOptions, ClassVar, ConfigError, Literal, opt
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
-MAP_SYNAPSES = ("conv", "lowrank", "dense")
-BLOCK_UPDATES = ("rlra", "local_bp")
 
 
 @dataclass
@@ -326,6 +325,56 @@ class ResNetRegions:
         return out
 
 
+class LRAOptions(AlgorithmOptions):
+    """What rec-LRA and LRA-E share. LRA-E's defaults follow Ororbia & Mali 2019 and its authors'
+    code (β = 0.1, γ = 1, E tracks Wᵀ: ``error_update: state``); its config sets them."""
+
+    names: ClassVar[tuple[str, ...]] = ("lra_e",)
+
+    beta: float = opt(0.1205, "β of Eq. 3, the displacement's weight in y = φ(h − β d) (appendix: 0.1205)", ge=0)
+    # Not the scheduler's `gamma` (AlgorithmOptions), hence the name.
+    error_gamma: float = opt(0.1524, "γ of Eq. 6, the error synapses' rate factor (appendix: 0.1524)", ge=0)
+    error_update: Literal["displacement", "state"] = opt(
+        "displacement", "displacement: ΔE_{j→i} = −γ d_i e_jᵀ (Eq. 6) | state: ΔE_{j→i} = γ z_i e_jᵀ (LRA-E's)")
+    # A dense |z_i|×|z_j| matrix is infeasible between two conv or locally-connected maps.
+    map_synapse: Literal["conv", "lowrank", "dense"] = opt(
+        "conv", "error synapses between two maps: conv (k×k on e_j resized to z_i's H×W) | lowrank (U Vᵀ) | dense")
+    # 1 (a per-position channel mix) is 0.87× BP's update time on ResNet-18 against 1.25× for k = 3,
+    # with 1/9 of the conv-synapse memory (results/perf/cpu.csv); the paper leaves conv synapses open.
+    synapse_kernel: int = opt(1, "k of a conv error synapse (odd; 'same' padding)", ge=1)
+    synapse_rank: int = opt(16, "r of a low-rank error synapse", ge=1)
+    block_update: Literal["rlra", "local_bp"] = opt(
+        "rlra", "ResNets (§3.3): rlra = a level-2 region at each block's inner map | local_bp = backprop of the "
+                "block's error units inside the block (the paper's alternative)")
+    alpha_depth2: float = opt(1.0, "elastic α_e of units fed by a pairwise synapse E_{ℓ+1→ℓ} (appendix: 0.24); 1 = plain e = z − y", gt=0)
+    kappa: list[float] = opt([], "κ_ℓ of Eq. 2 per layer, input → output (scales ΔW_ℓ); [] = all 1")
+    error_init: Literal[("unit", *FEEDBACK_INITS)] = opt(
+        "gaussian", "error synapses: gaussian N(0, σ²) (the MLP protocol) | unit N(0, 1) (the ResNets) | xavier | kaiming | uniform")
+    error_sigma: float = opt(0.05, "σ of the error synapses for gaussian/uniform (the paper tunes σ in [0.025, 0.1])", gt=0)
+    # Off by default: the first step compiles (~30 s cold, ~4 s from inductor's disk cache) and a new
+    # batch shape recompiles once; ~1.3× → ~1.0× BP's update time on 2 CPU cores (results/perf/cpu.csv).
+    compile: bool = opt(False, "torch.compile the closed-form update of a dense MLP (hash-neutral)")
+
+    def check(self, cfg) -> None:
+        if self.synapse_kernel % 2 == 0:
+            raise ConfigError(f"algorithm.synapse_kernel={self.synapse_kernel} is not valid; expected an odd int ≥ 1")
+
+
+class RlraOptions(LRAOptions):
+    names: ClassVar[tuple[str, ...]] = ("rlra",)
+
+    # The paper's ResNets use g = 2; its CNN's best is g = 2 (Table 5 right).
+    skip_gap: int = opt(2, "g of Algorithm 1: layer ℓ gets E_{L→ℓ} when ℓ mod g = 0, else E_{ℓ+1→ℓ}; 1 = all from the output", ge=1)
+    recursion_depth: int = opt(2, "D: layers with ℓ mod g^(D−k) = 0 get level k < D (D = 2 is Algorithm 1)", ge=1)
+    alpha_depth1: float = opt(1.0, "elastic α_e of units fed by a skip synapse from the output (appendix: 0.19); 1 = plain", gt=0)
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if cfg.model.name == "mlp" and self.skip_gap > int(cfg.model.depth):
+            raise ConfigError(f"algorithm.skip_gap={self.skip_gap} is not valid; the mlp has {cfg.model.depth} hidden "
+                              f"layers, so a gap above {cfg.model.depth} wires no skip synapse (use 1…{cfg.model.depth})")
+
+
 @RULES.register("rlra")
 class RecursiveLRA(AlgorithmModule):
     """rec-LRA, Algorithm 2 on an error-wiring graph built from the model; see the module docstring."""
@@ -333,26 +382,16 @@ class RecursiveLRA(AlgorithmModule):
     pairwise_only = False  # LRA-E sets True
 
     def setup_rule(self) -> None:
-        a = self.cfg.algorithm
-        # γ is ``error_gamma``: ``algorithm.gamma`` is the lr scheduler's decay factor (base.yaml).
-        self.beta, self.gamma = float(a.beta), float(a.error_gamma)
-        self.skip_gap, self.depth = int(a.skip_gap), int(a.recursion_depth)
-        if self.skip_gap < 1:
-            raise ValueError(f"algorithm.skip_gap must be ≥ 1, got {self.skip_gap}")
-        if self.depth < 1:
-            raise ValueError(f"algorithm.recursion_depth must be ≥ 1, got {self.depth}")
-        self.alpha_depth1, self.alpha_depth2 = float(a.alpha_depth1), float(a.alpha_depth2)
-        if str(a.error_update) not in ("displacement", "state"):
-            raise ValueError(f"unknown algorithm.error_update {a.error_update!r}; valid choices: displacement, state")
-        self.state_rule = str(a.error_update) == "state"
-        self.map_synapse, self.block_update = str(a.map_synapse), str(a.block_update)
-        if self.map_synapse not in MAP_SYNAPSES:
-            raise ValueError(f"unknown algorithm.map_synapse {self.map_synapse!r}; valid choices: {', '.join(MAP_SYNAPSES)}")
-        if self.block_update not in BLOCK_UPDATES:
-            raise ValueError(f"unknown algorithm.block_update {self.block_update!r}; valid choices: {', '.join(BLOCK_UPDATES)}")
-        self.kernel, self.rank = int(a.synapse_kernel), int(a.synapse_rank)
-        if self.kernel < 1 or self.kernel % 2 == 0 or self.rank < 1:
-            raise ValueError(f"algorithm.synapse_kernel must be odd ≥ 1 and synapse_rank ≥ 1, got {self.kernel}, {self.rank}")
+        a: LRAOptions = self.opts
+        # γ is ``error_gamma``: ``algorithm.gamma`` is the lr scheduler's decay factor.
+        self.beta, self.gamma = a.beta, a.error_gamma
+        # LRA-E wires pairwise synapses only, so it has no skip gap, depth or skip-fed units.
+        self.skip_gap, self.depth, self.alpha_depth1 = ((1, 1, 1.0) if self.pairwise_only
+                                                        else (a.skip_gap, a.recursion_depth, a.alpha_depth1))
+        self.alpha_depth2 = a.alpha_depth2
+        self.state_rule = a.error_update == "state"
+        self.map_synapse, self.block_update = a.map_synapse, a.block_update
+        self.kernel, self.rank = a.synapse_kernel, a.synapse_rank
         self.regions = (ResNetRegions(self.model, self.block_update) if _is_resnet(self.model)
                         else SequentialRegions(self.model))
         self.acts = self.regions.acts
@@ -366,10 +405,8 @@ class RecursiveLRA(AlgorithmModule):
         self.source = {i: j for i, (j, _) in wiring.items()}
         self.level = {i: k for i, (_, k) in wiring.items()}
         self.shapes = self._region_shapes()
-        init = str(a.error_init)
-        if init not in ("unit", *FEEDBACK_INITS):
-            raise ValueError(f"unknown algorithm.error_init {init!r}; valid choices: unit, {', '.join(FEEDBACK_INITS)}")
-        self._init = ("gaussian" if init == "unit" else init, 1.0 if init == "unit" else float(a.error_sigma))
+        init = a.error_init
+        self._init = ("gaussian" if init == "unit" else init, 1.0 if init == "unit" else a.error_sigma)
         generator = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
         self.kinds, synapses = {}, {}
         for i, j in sorted(self.source.items(), reverse=True):
@@ -383,7 +420,7 @@ class RecursiveLRA(AlgorithmModule):
                             and all(isinstance(s.linear, nn.Linear) and not s.norms for s in self.regions.stages))
         # torch.compile (inductor) of the closed-form update: one generated kernel per chain of
         # elementwise ops instead of ~60 Python-dispatched ops per step (bench perf --only rlra)
-        self.compile_update = bool(a.get("compile", False))
+        self.compile_update = a.compile
         if self.compile_update and not self.closed_form:
             raise ValueError("algorithm.compile applies to the closed-form update of a dense MLP (Linear layers, "
                              "no norms, dense error synapses); this model differentiates the surrogate with autograd")

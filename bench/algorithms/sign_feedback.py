@@ -12,7 +12,7 @@ Rules (``configs/algorithm/<name>.yaml`` documents every option):
 * ``bp_noise`` — backprop plus zero-mean Gaussian noise on the update (sfa §5.3, "BP + Noise").
 * ``bp_align`` — cross-entropy + λ Σ‖W − V‖² towards fixed random V (sfa Eq. 9, "BP + Alignment").
 
-Options shared by every rule of this file (:class:`WeightOptions`):
+Options shared by every rule of this file (:class:`WeightOptions`, applied by :class:`WeightConstraints`):
 
 * ``const_norm`` — after every step rescale each layer to ``‖W_0‖₂`` (sfa Eq. 10, §5.4);
 * ``ei`` / ``ei_fraction`` / ``ei_epsilon`` — E/I: after ``ei_fraction`` of training (5 % in
@@ -35,11 +35,44 @@ from bench.algorithms.base import RULES
 from bench.algorithms.feedback_alignment import FeedbackAlignment
 from bench.feedback.init import feedback_tensor
 from bench.feedback.noise import SharedNoise
+from bench.options import FEEDBACK_INITS, AlgorithmOptions, ClassVar, Literal, opt
 
-SIGN_SCALES = ("init", "sn", "unit")
+
+class WeightOptions(AlgorithmOptions):
+    names: ClassVar[tuple[str, ...]] = ("bp_const",)  # BP Const. turns const_norm on in its config
+
+    const_norm: bool = opt(False, "Const (sfa Eq. 10): after every step rescale each layer to its initial ‖W_0‖₂")
+    ei: bool = opt(False, "E/I (sfa §3.1, §5.5): freeze every weight's sign after ei_fraction of training")
+    ei_fraction: float = opt(0.05, "fraction of the run's optimizer steps before the signs freeze (5 % in sfa §4)", ge=0, le=1)
+    ei_epsilon: float = opt(1.0e-6, "frozen weights are clipped at +ε (excitatory) or −ε (inhibitory), never 0", gt=0)
+    manhattan: bool = opt(False, "Batch Manhattan (Liao et al. 2015; sfa §5.1): the update is sign(∂J/∂W)")
 
 
-class WeightOptions:
+class SignOptions(WeightOptions):
+    names: ClassVar[tuple[str, ...]] = ("usf_init", "usf_sn", "ss")
+
+    sign_scale: Literal["init", "sn", "unit"] = opt("init", "init: |B_0|⊙sign(W) (sfa Eq. 4) | sn: ‖W‖·sign(W)/‖sign(W)‖ "
+                                                            "(Eq. 5) | unit: sign(W)")
+    feedback_init: Literal[FEEDBACK_INITS] = opt("kaiming", "|B_0|: kaiming = variance 1/n_out (sfa §5.1) | xavier | "
+                                                            "gaussian (σ) | uniform")
+    feedback_sigma: float = opt(0.05, "σ of the gaussian/uniform draw", gt=0)
+
+
+class BPNoiseOptions(WeightOptions):
+    names: ClassVar[tuple[str, ...]] = ("bp_noise",)
+
+    noise_scale: float = opt(1.0, "noise std / gradient std (1: variance ≈ that of the BP gradient, as in sfa §5.3)", ge=0)
+
+
+class BPAlignOptions(WeightOptions):
+    names: ClassVar[tuple[str, ...]] = ("bp_align",)
+
+    align_lambda: float = opt(1.0e-3, "λ of sfa Eq. 9 (0.001 in the paper)", ge=0)
+    target_init: Literal[FEEDBACK_INITS] = opt("gaussian", "V's draw: gaussian (σ) | xavier | kaiming | uniform")
+    target_sigma: float = opt(0.05, "σ of the gaussian/uniform draw of V", gt=0)
+
+
+class WeightConstraints:
     """Const (sfa Eq. 10), E/I (sfa §3.1) and Batch Manhattan (Liao et al. 2015) for any rule.
 
     Mixed in *before* the rule class; the rule's ``setup_rule`` must call
@@ -47,14 +80,9 @@ class WeightOptions:
     """
 
     def setup_weight_options(self) -> None:
-        a = self.cfg.algorithm
-        self.const_norm = bool(a.get("const_norm", False))
-        self.ei = bool(a.get("ei", False))
-        self.ei_fraction = float(a.get("ei_fraction", 0.05))
-        self.ei_epsilon = float(a.get("ei_epsilon", 1.0e-6))
-        self.manhattan = bool(a.get("manhattan", False))
-        if not 0.0 <= self.ei_fraction <= 1.0:
-            raise ValueError(f"algorithm.ei_fraction must lie in [0, 1], got {self.ei_fraction}")
+        a: WeightOptions = self.opts
+        self.const_norm, self.ei, self.manhattan = a.const_norm, a.ei, a.manhattan
+        self.ei_fraction, self.ei_epsilon = a.ei_fraction, a.ei_epsilon
         self.constrained = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         if self.const_norm:  # ‖W_0‖₂ per layer, saved with the checkpoint
             self.register_buffer("w0_norms", torch.stack(torch._foreach_norm([p.detach() for p in self.constrained])))
@@ -116,7 +144,7 @@ class WeightOptions:
             self._apply_const()
 
 
-class SignFeedback(WeightOptions, FeedbackAlignment):
+class SignFeedback(WeightConstraints, FeedbackAlignment):
     """FA whose feedback B follows the sign of the forward weights (sfa §3.1).
 
     ``sign_scale``:
@@ -139,9 +167,7 @@ class SignFeedback(WeightOptions, FeedbackAlignment):
 
     def setup_rule(self) -> None:
         super().setup_rule()
-        self.sign_scale = str(self.cfg.algorithm.get("sign_scale", "init"))
-        if self.sign_scale not in SIGN_SCALES:
-            raise ValueError(f"unknown algorithm.sign_scale {self.sign_scale!r}; valid choices: {', '.join(SIGN_SCALES)}")
+        self.sign_scale = self.opts.sign_scale
         derive = {"init": _derive_init, "sn": _derive_sn, "unit": _derive_unit}[self.sign_scale]
         for layer in self.layers.values():
             layer.derive = derive
@@ -191,7 +217,7 @@ for _name in ("usf_init", "usf_sn", "ss"):
 
 
 @RULES.register("bp_const")
-class BackpropConst(WeightOptions, Backprop):
+class BackpropConst(WeightConstraints, Backprop):
     """Backprop with every layer's norm held at ‖W_0‖₂ after each step (sfa Eq. 10, "BP Const.").
     Its config turns ``const_norm`` on; the E/I and Manhattan options work here too."""
 
@@ -201,7 +227,7 @@ class BackpropConst(WeightOptions, Backprop):
 
 
 @RULES.register("bp_noise")
-class BackpropNoise(WeightOptions, Backprop):
+class BackpropNoise(WeightConstraints, Backprop):
     """Backprop + zero-mean Gaussian noise on the learning signal (sfa §5.3, "BP + Noise").
 
     Per parameter tensor, after backward: ``g ← g + s·σ_g·ξ``, ξ ~ N(0, I), σ_g² the (biased)
@@ -217,7 +243,7 @@ class BackpropNoise(WeightOptions, Backprop):
 
     def setup_rule(self) -> None:
         super().setup_rule()
-        self.noise_scale = float(self.cfg.algorithm.get("noise_scale", 1.0))
+        self.noise_scale = self.opts.noise_scale
         self.noise = SharedNoise(int(self.cfg.seed) + self.NOISE_SEED_OFFSET)
         self.setup_weight_options()
 
@@ -243,7 +269,7 @@ class BackpropNoise(WeightOptions, Backprop):
 
 
 @RULES.register("bp_align")
-class BackpropAlignment(WeightOptions, Backprop):
+class BackpropAlignment(WeightConstraints, Backprop):
     """Backprop on ``J = CE + λ Σ_l Σ_ij (w_ij − v_ij)²`` with fixed random V (sfa Eq. 9,
     "BP + Alignment"), λ = ``align_lambda`` (0.001 in the paper). V has each weight's shape, is
     drawn by ``target_init``/``target_sigma`` (bench.feedback.init) from a generator seeded with
@@ -253,12 +279,12 @@ class BackpropAlignment(WeightOptions, Backprop):
 
     def setup_rule(self) -> None:
         super().setup_rule()
-        a = self.cfg.algorithm
-        self.align_lambda = float(a.get("align_lambda", 1.0e-3))
+        a: BPAlignOptions = self.opts
+        self.align_lambda = a.align_lambda
         self.setup_weight_options()
         gen = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
         for i, p in enumerate(self.constrained):
-            v = feedback_tensor(tuple(p.shape), str(a.get("target_init", "gaussian")), float(a.get("target_sigma", 0.05)), gen)
+            v = feedback_tensor(tuple(p.shape), a.target_init, a.target_sigma, gen)
             self.register_buffer(f"align_target_{i}", v.to(p.dtype))
 
     def align_targets(self) -> list[torch.Tensor]:

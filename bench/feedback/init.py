@@ -5,7 +5,7 @@ import math
 
 import torch
 
-FEEDBACK_INITS = ("gaussian", "xavier", "kaiming", "uniform")
+from bench.options import FEEDBACK_INITS  # the names a config may choose, declared once
 
 
 def feedback_tensor(shape: tuple[int, ...], init: str, sigma: float, generator: torch.Generator) -> torch.Tensor:

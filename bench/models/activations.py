@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bench.options import ACTIVATIONS  # the names a config may choose, declared once
+
 
 class _SignSTE(torch.autograd.Function):
     @staticmethod
@@ -30,9 +32,6 @@ class Sign(nn.Module):
 class Abs(nn.Module):
     def forward(self, x):
         return x.abs()
-
-
-ACTIVATIONS = ("tanh", "relu", "elu", "sigmoid", "sign", "abs", "leaky_relu", "identity")
 
 
 def make_activation(name: str, slope: float = 0.01) -> nn.Module:

@@ -47,6 +47,7 @@ from torch import nn
 
 from bench.models.base import MODELS, ZooModel
 from bench.models.timm_models import disable_inplace
+from bench.options import ClassVar, Literal, ModelOptions, opt
 
 
 class CifarAlexNet(nn.Module):
@@ -77,6 +78,13 @@ class CifarAlexNet(nn.Module):
     def forward(self, x):
         return self.classifier(self.flatten(self.features(x)))
 
+
+class AlexNetOptions(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("alexnet",)
+
+    cifar: bool = opt(False, "the 32×32 CIFAR variant instead of torchvision's 224×224 AlexNet")
+    dropout: float = opt(0.5, "dropout in the classifier", ge=0, lt=1)
+    fc_width: int = opt(4096, "cifar: width of the dense layers", ge=1)
 
 @MODELS.register("alexnet")
 class AlexNet(ZooModel):

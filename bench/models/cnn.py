@@ -29,6 +29,8 @@ from torch import nn
 from bench.models.activations import make_activation
 from bench.models.base import MODELS, ZooModel
 from bench.models.mlp import init_linear
+from bench.options import ACTIVATIONS, WEIGHT_INITS, ClassVar, ConfigError, Literal, ModelOptions, opt
+
 
 POOLS = ("max", "avg", "none")
 
@@ -53,6 +55,30 @@ def _per_layer(value, n: int, key: str) -> list[int]:
         raise ValueError(f"model.{key} has {len(values)} entries but there are {n} conv layers")
     return values
 
+
+class CNNOptions(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("cnn",)
+
+    channels: list[int] = opt([32, 64, 64], "conv widths, one conv block each", ge=1)
+    kernel: int | list[int] = opt(5, "conv kernel size, or one per conv (padding k//2)", ge=1)
+    stride: int | list[int] = opt(1, "conv stride, or one per conv", ge=1)
+    activation: Literal[ACTIVATIONS] = opt("tanh", "nonlinearity φ")
+    slope: float = opt(0.01, "leaky_relu negative slope")
+    batchnorm: bool = opt(False, "BatchNorm2d before every conv nonlinearity")
+    pool: Literal["max", "avg", "none"] = opt("max", "pooling after every conv block")
+    pool_size: int = opt(2, "pooling window and stride", ge=1)
+    conv_dropout: float = opt(0.0, "dropout after every conv block", ge=0, lt=1)
+    hidden: list[int] = opt([], "dense widths before the classifier", ge=1)
+    dropout: float = opt(0.0, "dropout after every hidden dense layer", ge=0, lt=1)
+    init: Literal[WEIGHT_INITS] = opt("default", "weight init (as the MLP's)")
+    sigma: float = opt(0.05, "gaussian init std", gt=0)
+
+    def check(self, cfg) -> None:
+        for key in ("kernel", "stride"):
+            value = getattr(self, key)
+            if isinstance(value, list) and len(value) != len(self.channels):
+                raise ConfigError(f"model.{key}={value!r} is not valid; expected one int or one per conv "
+                                  f"({len(self.channels)} values)")
 
 @MODELS.register("cnn")
 class CNN(ZooModel):
@@ -120,6 +146,11 @@ class CNN(ZooModel):
     def forward(self, x):
         return self.classifier(self.hidden(self.flatten(self.features(x))))
 
+
+class SfaMnistOptions(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("sfa_mnist",)
+
+    dropout: float = opt(0.5, "dropout before the classifier (sfa §7.1)", ge=0, lt=1)
 
 @MODELS.register("sfa_mnist")
 class SfaMnist(CNN):

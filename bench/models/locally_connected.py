@@ -40,6 +40,7 @@ from bench.models.activations import make_activation
 from bench.models.base import MODELS, ZooModel
 from bench.models.cnn import _per_layer
 from bench.models.mlp import init_linear
+from bench.options import ACTIVATIONS, WEIGHT_INITS, ClassVar, Literal, ModelOptions, opt
 
 
 def _pair(v) -> tuple[int, int]:
@@ -181,6 +182,20 @@ class FALocallyConnected2d(LocallyConnected2d, FeedbackLayer):
             return _FALocallyConnectedFn.apply(x, self.weight, self.bias, self.feedback, self.derive, self)
         return super().forward(x)
 
+
+class LCNetOptions(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("lcnet",)
+
+    channels: list[int] = opt([64, 128, 256], "LC widths (Bartunov et al. appendix: 5×5/64/2, 5×5/128/2, 3×3/256/1)", ge=1)
+    kernel: int | list[int] = opt([5, 5, 3], "kernel per layer (padding k//2)", ge=1)
+    stride: int | list[int] = opt([2, 2, 1], "stride per layer (32×32 → 16 → 8 → 8)", ge=1)
+    activation: Literal[ACTIVATIONS] = opt("tanh", "nonlinearity φ")
+    slope: float = opt(0.01, "leaky_relu negative slope")
+    batchnorm: bool = opt(False, "BatchNorm2d after every LC layer, before φ")
+    layernorm: bool = opt(False, "LayerNorm over each LC output's C×H×W, before φ")
+    dropout: float = opt(0.0, "dropout after every LC block", ge=0, lt=1)
+    init: Literal[WEIGHT_INITS] = opt("default", "default (conv-like U(±1/√fan_in)) | gaussian | xavier | kaiming | lecun")
+    sigma: float = opt(0.05, "gaussian init std (rlra: 'unit Gaussian' = 1.0)", gt=0)
 
 @MODELS.register("lcnet")
 class LCNet(ZooModel):

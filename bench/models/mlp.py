@@ -7,6 +7,7 @@ from torch import nn
 
 from bench.models.activations import make_activation
 from bench.models.base import MODELS, ZooModel
+from bench.options import ACTIVATIONS, WEIGHT_INITS, ClassVar, Literal, ModelOptions, opt
 
 
 def init_linear(layer: nn.Linear, init: str, sigma: float) -> None:
@@ -26,6 +27,19 @@ def init_linear(layer: nn.Linear, init: str, sigma: float) -> None:
     if init != "default" and layer.bias is not None:
         nn.init.zeros_(layer.bias)
 
+
+class MLPOptions(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("mlp",)
+
+    depth: int = opt(3, "hidden layers", ge=1)
+    width: int = opt(800, "units per hidden layer", ge=1)
+    activation: Literal[ACTIVATIONS] = opt("tanh", "hidden nonlinearity φ")
+    slope: float = opt(0.01, "leaky_relu negative slope (any value; dfa-2 uses -0.5)")
+    init: Literal[WEIGHT_INITS] = opt("default", "weight init: default (torch) | gaussian (σ) | xavier | kaiming | lecun (variance 1/n_in)")
+    sigma: float = opt(0.05, "gaussian init std", gt=0)
+    batchnorm: bool = opt(False, "BatchNorm1d before every hidden nonlinearity")
+    dropout: float = opt(0.0, "dropout after every hidden layer", ge=0, lt=1)
+    input_dropout: float = opt(0.0, "dropout on the input", ge=0, lt=1)
 
 @MODELS.register("mlp")
 class MLP(ZooModel):

@@ -58,6 +58,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from bench.models.base import MODELS, ZooModel
+from bench.options import ClassVar, ConfigError, Literal, ModelOptions, opt
 from bench.models.timm_models import disable_inplace, resnet_points
 
 INITS = ("kaiming", "gaussian", "xavier")
@@ -151,6 +152,23 @@ def init_network(module: nn.Module, init: str, sigma: float) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+
+class PResNet18Options(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("presnet18",)
+
+    masks: int = opt(64, "noise masks of each first-stage pseudo-conv (= the stage width); paper: 64 / 160 / 256", ge=1)
+    widths: list[int] | None = opt(None, "the 4 stage widths; null = masks·[1, 2, 4, 8]", ge=1)
+    fanout: int = opt(1, "noise masks per input map (M = fanout · input maps)", ge=1)
+    level: float = opt(0.1, "σ of the fixed noise maps n ~ N(0, σ²) (appendix: 0.1)", ge=0)
+    cifar_stem: bool = opt(True, "3×3 stride-1 stem, no max-pool (false: the ImageNet 7×7/2 stem + max-pool)")
+    pool: Literal["avg", "max"] = opt("avg", "the strided blocks' 2×2 downsampling after act1")
+    init: Literal["kaiming", "gaussian", "xavier"] = opt("kaiming", "kaiming (timm's He fan-out) | gaussian (σ) | xavier")
+    sigma: float = opt(1.0, "gaussian init std", gt=0)
+    drop_rate: float = opt(0.0, "dropout before the classifier", ge=0, lt=1)
+
+    def check(self, cfg) -> None:
+        if self.widths is not None and len(self.widths) != 4:
+            raise ConfigError(f"model.widths={self.widths!r} is not valid; expected the 4 stage widths or null")
 
 @MODELS.register("presnet18")
 class PResNet18(ZooModel):

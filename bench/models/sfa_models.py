@@ -13,7 +13,21 @@ from torch import nn
 
 from bench.models.base import MODELS, ZooModel
 from bench.models.cnn import CNN, init_layer
+from bench.options import WEIGHT_INITS, ClassVar, Literal, ModelOptions, opt
 
+
+class SfaLeNetOptions(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("sfa_cifar1", "sfa_imagenet1")
+
+    init: Literal[WEIGHT_INITS] = opt("default", "weight init: default (torch) | gaussian (σ) | xavier | kaiming | lecun (sfa §5.1)")
+    sigma: float = opt(0.05, "gaussian init std", gt=0)
+
+
+class SfaAllConvOptions(SfaLeNetOptions):
+    names: ClassVar[tuple[str, ...]] = ("sfa_cifar2", "sfa_imagenet2")
+
+    input_dropout: float = opt(0.2, "dropout on the input (sfa §7.1)", ge=0, lt=1)
+    dropout: float = opt(0.5, "dropout after the downsampling convs (sfa §7.1)", ge=0, lt=1)
 
 @MODELS.register("sfa_cifar1")
 class SfaCifar1(CNN):

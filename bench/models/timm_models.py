@@ -17,6 +17,8 @@ from timm.models.vgg import ConvMlp
 from torch import nn
 
 from bench.models.base import MODELS, ZooModel
+from bench.options import ClassVar, Literal, ModelOptions, opt
+
 
 
 def disable_inplace(module: nn.Module) -> None:
@@ -25,6 +27,12 @@ def disable_inplace(module: nn.Module) -> None:
         if getattr(m, "inplace", False):
             m.inplace = False
 
+
+class TimmResNetOptions(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("timm:resnet18",)
+
+    cifar_stem: bool = opt(False, "3×3 stride-1 conv1 and no max-pool (the CIFAR ResNet-18)")
+    drop_rate: float = opt(0.0, "dropout before the classifier (timm's drop_rate)", ge=0, lt=1)
 
 @MODELS.register("timm:resnet18")
 class TimmResNet18(ZooModel):
@@ -63,6 +71,12 @@ class TimmResNet18(ZooModel):
     def forward(self, x):
         return self.net(x)
 
+
+class TimmVGGOptions(TimmResNetOptions):
+    names: ClassVar[tuple[str, ...]] = ("timm:vgg16",)
+
+    head_width: int = opt(512, "cifar_stem: width of the 512-512 dense head", ge=1)
+    batchnorm: bool = opt(False, "BatchNorm after every conv (VGG-16-BN)")
 
 @MODELS.register("timm:vgg16")
 class TimmVGG16(ZooModel):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.models.base import MODELS, ZooModel
+from bench.options import ClassVar, ConfigError, ModelOptions, opt
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,6 +82,21 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+
+class TransformerOptions(ModelOptions):
+    names: ClassVar[tuple[str, ...]] = ("transformer",)
+
+    n_layer: int = opt(2, "transformer blocks", ge=1)
+    n_head: int = opt(4, "attention heads", ge=1)
+    n_embd: int = opt(128, "model width d_model", ge=1)
+    block_size: int | None = opt(None, "context length; null = the data's sequence length", ge=1)
+    dropout: float = opt(0.0, "dropout", ge=0, lt=1)
+    bias: bool = opt(True, "biases in Linear and LayerNorm")
+    tie_weights: bool = opt(False, "share the token embedding with the output head")
+
+    def check(self, cfg) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} is not valid; it must be divisible by model.n_head={self.n_head}")
 
 @MODELS.register("transformer")
 class TransformerLM(ZooModel):
