@@ -209,3 +209,21 @@ def test_readme_rule_options_table_is_current():
     current = text.split(options.README_BEGIN, 1)[1].split(options.README_END, 1)[0]
     expected = options.readme_block().split(options.README_BEGIN, 1)[1].split(options.README_END, 1)[0]
     assert current == expected, "README rule-options table is stale: run `python -m bench options --readme`"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["sweep", "rlra-1", "--local", "--rows", "bogus"], "unknown row 'bogus' of table rlra-1"),
+    (["sweep", "nope", "--local"], "unknown table 'nope'"),
+    (["table", "rlra-1", "--rows", "bogus"], "unknown row 'bogus' of table rlra-1"),
+    (["compare", "/nonexistent/a", "/nonexistent/b"], "compare: '/nonexistent/a' is neither a run folder"),
+    (["run", "output.root=/etc/hostname/runs"], "run folder"),
+    (["run", "trainer.devices=0"], "trainer.devices=0 is not valid"),
+])
+def test_cli_checks_fail_before_lightning_is_imported(args, says):
+    """The checks that used to pay the torch and Lightning import first (10–20 s)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
+    assert elapsed < 2.0, f"{args}: {elapsed:.2f} s"

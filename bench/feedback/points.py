@@ -3,7 +3,7 @@
 Direct-projection rules (DFA, DRTP, GrAPE) cut the graph between points so that no gradient
 crosses a point boundary: the tap stores the point's output h_i (still attached to the layer
 that produced it) and hands a detached copy downstream. A rule then adds ⟨h_i, stopgrad(B_i e)⟩
-to the loss and one backward gives every layer its local update (DESIGN.md, "direct projection").
+to the loss and one backward gives every layer its local update (docs/architecture.md, "The .grad contract").
 
 The alignment probe reuses the same tap in capture-only mode to read teaching signals δh_i
 (``retain_grad`` on the captured tensors), so there is one hook mechanism, not two.

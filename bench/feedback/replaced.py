@@ -12,8 +12,8 @@ B is a buffer, never a Parameter, so optimizers and DDP never touch it. A rule w
 function of W (uSF, sign symmetry) sets ``layer.derive``: the forward writes B from W in place
 right after its own product with W, while W is still in cache, and only when δx will be needed
 (grad enabled and the input requires it: never for the first layer, nor under no_grad), so no
-separate pass over every B runs each step. On the 2-core CPU this placement made uSF's update
-≈ 4 % of a step cheaper than deriving B in the backward, where W has left the cache.
+separate pass over every B runs each step, and B is read while W is still in cache (deriving it
+in the backward, where W has left the cache, was measurably slower: docs/architecture.md, M1).
 """
 from __future__ import annotations
 
