@@ -173,23 +173,29 @@ class GroupTrainer:
             self._apply(self.queue.pop(0))
 
 
-def delayed_sequential(model, batches, opts, delay: int = 0, groups: list[list[int]] | None = None) -> dict:
-    """The documented reference schedule in one process: for each group in order, every mini-batch
-    in order: forward, gradient, then the update of mini-batch k − delay; drain at the end. With
-    ``delay = 0`` this is sequential AL. ``batches`` is a list of (x, y). Returns the loss sums."""
+def delayed_sequential(model, epochs, opts, delay: int = 0, groups: list[list[int]] | None = None) -> dict:
+    """The documented reference schedule in one process. ``epochs`` is a list of epochs, each a
+    list of (x, y) mini-batches. For each group in order, for every epoch, for every mini-batch in
+    order: forward, gradient, then the update of mini-batch k − delay; drain at each epoch's end.
+    Groups can run one after the other because nothing flows upstream. With ``delay = 0`` this is
+    sequential AL. Returns each group's loss sums over the last epoch."""
     groups = groups or [[i] for i in range(model.K)]
-    inputs = [(x, onehot(y, model.num_classes, x)) for x, y in batches]
+    inputs = [[(x, onehot(y, model.num_classes, x)) for x, y in batches] for batches in epochs]
     sums = {}
     for group in groups:
         worker = GroupTrainer(model, group, opts, delay)
         outputs = []
-        for s, t in inputs:
-            s, t, total = worker.forward(s, t)
-            outputs.append((s, t))
-            worker.update(total)
-        worker.drain()
+        for batches in inputs:
+            worker.sums.zero_()
+            out = []
+            for s, t in batches:
+                s, t, total = worker.forward(s, t)
+                out.append((s, t))
+                worker.update(total)
+            worker.drain()
+            outputs.append(out)
         inputs = outputs
-        sums[tuple(group)] = worker.sums
+        sums[tuple(group)] = worker.sums.clone()
     return sums
 
 
