@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 from bench.console import interactive
-from bench.config import CellNotInTable, ConfigError, budget_names, compose, parse_cli, resolve_name, run_name, table_ids
+from bench.config import (CellNotInTable, ConfigError, budget_names, compose, load_table, parse_cli, resolve_name,
+                          table_ids)
 from bench.results.io import check_writable
+from bench.run.plan import RunPlan  # torch-free: bench.run.train (torch, Lightning) is imported after validation
 
 
 EXIT_TERMINATED = 128 + 15  # the shell's status for a process ended by SIGTERM
@@ -23,7 +25,8 @@ def _fail(message: str, status: int) -> None:
     raise SystemExit(status)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> dict:
+    """Train one run; returns its summary (a SLURM job's result, :class:`bench.run.submit.RunJob`)."""
     run, dotlist = parse_cli(args.overrides)
     if os.environ.get("WANDB_SWEEP_ID") and not any(o.startswith("output.wandb=") for o in dotlist):
         # Started by a W&B agent: log to its sweep. output.* is neutral, so the run folder (and
@@ -31,41 +34,52 @@ def cmd_run(args: argparse.Namespace) -> None:
         dotlist.append("output.wandb=online")
     # Validate before importing Lightning, so a typo costs a second, not ten.
     cfg = compose(run.get("table"), run.get("row"), run.get("column"), run.get("budget"), dotlist)
-    check_writable(Path(cfg.output.root) / run_name(cfg), "run folder")  # before torch: a config error costs ~1 s
+    plan = RunPlan.of(cfg)  # the run's name, hash and folder, from here on
+    check_writable(plan.run_dir, "run folder")  # before torch: a config error costs ~1 s
     from bench.data import DataUnavailable
-    from bench.train import check_runtime, run_dir_for, train
+    from bench.run.train import check_runtime, train
 
-    check_runtime(cfg)
+    check_runtime(cfg)  # the one check of its trainer and output values
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        summary = train(cfg, retry_failed=True)
+        summary = train(plan, retry_failed=True)
     except DataUnavailable as exc:
         _fail(str(exc), 3)
     except SIGTERMException:  # Lightning's SIGTERM handler: a SystemExit whose status would be 0
-        _fail(f"{run_dir_for(cfg)}: stopped by SIGTERM; run the same command again to resume from its last epoch",
+        _fail(f"{plan.run_dir}: stopped by SIGTERM; run the same command again to resume from its last epoch",
               EXIT_TERMINATED)
     if summary.get("status") == "diverged" and summary.get("divergence"):  # a result, exit status 0
         from bench.callbacks.divergence import describe
 
-        print(f"diverged: {run_dir_for(cfg)}  {describe(summary['divergence'])}")
+        print(f"diverged: {plan.run_dir}  {describe(summary['divergence'])}")
     elif summary.get("status") in ("finished", "diverged") and "final" in summary:
         final = summary["final"]
         parts = [f"{k}={v:.2f}" for k, v in sorted(final.items()) if k.endswith("err1")]
-        print(f"{summary['status']}: {run_dir_for(cfg)}  {' '.join(parts)}  "
+        print(f"{summary['status']}: {plan.run_dir}  {' '.join(parts)}  "
               f"epoch_s={summary['time']['epoch_s_mean'] or float('nan'):.2f}")
     if summary.get("status") == "failed":
         raise SystemExit(1)
+    return summary
+
+
+def check_rows_early(table_id: str, rows: list[str] | None) -> None:
+    """An unknown table or --rows name fails before the table machinery (and Lightning) is imported."""
+    table = load_table(table_id)
+    for r in rows or []:
+        resolve_name("row", r, table.rows.keys(), table_id)
 
 
 def cmd_table(args: argparse.Namespace) -> None:
+    check_rows_early(args.table, args.rows)
     from rich.console import Console
     from rich.markdown import Markdown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bench.results.table import expand, run_cells, write_table
-    from bench.train import train
+    from bench.results.table import write_table
+    from bench.run.cells import expand, run_cells
+    from bench.run.train import train
 
     table, cells = expand(args.table, args.budget, output_root=args.output_root, overrides=args.overrides,
                           seeds=args.seeds)
@@ -75,10 +89,10 @@ def cmd_table(args: argparse.Namespace) -> None:
     console = Console()
     start = time.perf_counter()
 
-    def train_quietly(cfg):
+    def train_quietly(plan):
         if quiet:
-            cfg.output.progress = "none"
-        return train(cfg, retry_failed=args.retry_failed)
+            plan.cfg.output.progress = "none"  # output.* is outside the config hash: the plan stands
+        return train(plan, retry_failed=args.retry_failed)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=quiet) as progress:
@@ -124,8 +138,9 @@ def select_rows(table, cells, rows: list[str] | None):
 
 
 def check_folders(cells, results: str) -> None:
-    """Every folder a table run writes, and the runs' trainer settings, checked before the first run starts."""
-    from bench.train import check_runtime
+    """Every folder a table run writes, and the runs' trainer settings, checked before the first run starts
+    (the one check of each run's trainer and output values: ``train(plan)`` does not repeat it)."""
+    from bench.run.train import check_runtime
 
     for cfg in {id(c.cfg): c.cfg for c in cells if c.cfg is not None}.values():
         check_runtime(cfg)
@@ -135,7 +150,9 @@ def check_folders(cells, results: str) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from bench import sweep as sw
+    if args.table:
+        check_rows_early(args.table, args.rows if args.local else None)
+    from bench.run import sweep as sw
 
     sweeps_dir = Path(args.sweeps_dir) if args.sweeps_dir else None
     if args.write:
@@ -185,7 +202,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from bench.report import report
+    from bench.results.report import report
 
     for folder in (Path(args.results), Path(args.results) / "plots"):
         check_writable(folder, "results folder")
@@ -194,14 +211,18 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from bench.report import compare_text, resolve
+    for target in (args.a, args.b):  # before the report machinery (and Lightning) is imported
+        if not (Path(target) / "summary.json").exists() and target not in table_ids():
+            _fail(f"compare: {target!r} is neither a run folder (with summary.json) nor a table id; "
+                  f"tables: {', '.join(table_ids())}", 2)
+    from bench.results.report import compare_text, resolve
 
     print(compare_text(resolve(args.a, args.budget, args.output_root), resolve(args.b, args.budget, args.output_root)))
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    from bench import submit as sb
-    from bench.sweep import plan
+    from bench.run import submit as sb
+    from bench.run.sweep import plan
 
     if (args.slurm is None) == (not args.local_executor):
         _fail("submit: pass --slurm partition=… nodes=… gpus_per_node=…, or --local-executor", 2)
@@ -230,7 +251,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_perf(args: argparse.Namespace) -> None:
-    from bench.perf import main as perf_main
+    from bench.run.perf import main as perf_main
     from bench.registry import UnknownChoice
 
     try:
@@ -257,7 +278,7 @@ def cmd_options(args: argparse.Namespace) -> None:
 
 
 def cmd_regress(args: argparse.Namespace) -> None:
-    from bench.regress import main as regress_main
+    from bench.run.regress import main as regress_main
 
     raise SystemExit(regress_main(args))
 
@@ -334,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/perf/cpu.csv")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke check of the benchmark)")
-    p.add_argument("--only", default=None, help="run one benchmark: 'core' or a name in bench/benchmarks/")
+    p.add_argument("--only", default=None, help="run one benchmark: 'core' or a name in bench/run/benchmarks/")
     p.set_defaults(func=cmd_perf)
 
     p = sub.add_parser("options", help="a rule's options: types, ranges, defaults and descriptions")
@@ -350,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """Run a command; returns what it returns (``run``: the run's summary)."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     # argparse leaves key=value overrides typed after an option (`sweep ID --local a.b=1`) unparsed;
@@ -363,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        args.func(args)
+        return args.func(args)
     except CellNotInTable as exc:
         print(f"skipped: {exc}")
     except ConfigError as exc:

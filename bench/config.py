@@ -317,14 +317,15 @@ def _is_neutral(override: str) -> bool:
     return override.startswith(NEUTRAL_PREFIXES) or (key == "trainer.precision" and value.strip("'\"") in FP32_PRECISIONS)
 
 
-def run_name(cfg: DictConfig) -> str:
+def run_name(cfg: DictConfig, digest: str | None = None) -> str:
     """``<budget>/<table>/<row>/<column>/s<seed>`` for table runs, ``adhoc/<rule>-<model>-<data>-<hash>/s<seed>``
-    otherwise. The same config always maps to the same folder (resume/skip relies on it)."""
+    otherwise. The same config always maps to the same folder (resume/skip relies on it). ``digest``
+    is ``config_hash(cfg)`` when the caller already has it (:class:`bench.run.plan.RunPlan`)."""
     seed = f"s{cfg.seed}"
     if cfg.table:
         row = slug(cfg.row) + (f"+{cfg.variant}" if cfg.variant else "")
         return "/".join([slug(cfg.budget or "custom"), cfg.table, row, slug(cfg.column), seed])
-    digest = config_hash(cfg)
+    digest = digest or config_hash(cfg)
     return f"adhoc/{slug(cfg.algorithm.name)}-{slug(cfg.model.name)}-{slug(cfg.data.name)}-{digest}/{seed}"
 
 

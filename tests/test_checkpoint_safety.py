@@ -53,7 +53,7 @@ def test_the_payload_really_runs_when_loaded_unsafely(tmp_path):
 @pytest.fixture
 def trained(small_cfg, tmp_path):
     """A real run folder (2 steps), made to look interrupted: summary 'running', last.ckpt present."""
-    from bench.train import train
+    from bench.run.train import train
 
     cfg = small_cfg("algorithm.name=fa")
     assert train(cfg)["status"] == "finished"
@@ -72,13 +72,14 @@ def test_every_checkpoint_the_suite_writes_loads_weights_only(trained):
 
 @pytest.mark.parametrize("zipfile", [True, False], ids=["torch.save", "bare-pickle"])
 def test_check_same_config_refuses_a_poisoned_checkpoint(trained, tmp_path, zipfile):
-    from bench.train import check_same_config
+    from bench.run.plan import RunPlan
+    from bench.run.train import check_same_config
 
     cfg, run_dir = trained
     marker = tmp_path / "pwned"
     poison(run_dir / "last.ckpt", marker, zipfile)
     with pytest.raises(ConfigError) as info:
-        check_same_config(run_dir, cfg)
+        check_same_config(RunPlan.of(cfg, run_dir))
     message = str(info.value)
     assert "\n" not in message and str(run_dir / "last.ckpt") in message
     if zipfile:  # the weights-only unpickler met the callable: named in the line
@@ -108,25 +109,25 @@ def test_bench_run_refuses_a_poisoned_checkpoint_with_one_line(trained, tmp_path
 def test_lightning_resume_path_loads_weights_only(trained, tmp_path, monkeypatch):
     """Lightning's own load (fit(ckpt_path=...) → strategy.checkpoint_io) refuses the payload too,
     even if the suite's header check were skipped and torch were told to load unsafely."""
-    import bench.train
+    import bench.run.train
 
     cfg, run_dir = trained
     marker = tmp_path / "pwned"
     poison(run_dir / "last.ckpt", marker)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    monkeypatch.setattr(bench.train, "checkpoint_header", lambda run_dir, cfg: {"epoch": 0, "global_step": 2})
+    monkeypatch.setattr(bench.run.train, "checkpoint_header", lambda plan: {"epoch": 0, "global_step": 2})
     trainers = []
-    build = bench.train.build_trainer
-    monkeypatch.setattr(bench.train, "build_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
+    build = bench.run.train.build_trainer
+    monkeypatch.setattr(bench.run.train, "build_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
     with pytest.raises(UnsafeCheckpoint) as info:
-        bench.train.train(cfg)
+        bench.run.train.train(cfg)
     assert isinstance(trainers[0].strategy.checkpoint_io, SafeCheckpointIO)
     assert str(run_dir / "last.ckpt") in str(info.value) and "\n" not in str(info.value)
     assert not marker.exists()
 
 
 def test_a_finished_run_is_skipped_without_opening_its_checkpoint(trained, tmp_path, monkeypatch):
-    from bench.train import train
+    from bench.run.train import train
 
     cfg, run_dir = trained
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -8,7 +8,7 @@ import bench.config as config
 from bench.algorithms import RULES
 from bench.cli import main as cli_main
 from bench.config import ConfigError, compose, load_table, resolve_name, run_name
-from bench.results.table import row_algorithm
+from bench.run.cells import row_algorithm
 from conftest import run_cli
 
 
@@ -172,7 +172,7 @@ def test_a_row_limited_to_some_columns_is_skipped_elsewhere_and_validated(tmp_pa
     answers a W&B agent asking for another column with 'skipped' and exit 0, and a `columns:` entry
     naming no column of the table is a one-line config error."""
     from bench import cli
-    from bench.results.table import expand
+    from bench.run.cells import expand
 
     table, cells = expand("rlra-5", "smoke")
     assert {c.column for c in cells if c.row.startswith("skip-")} == {"cifar10"}

@@ -11,7 +11,7 @@ tolerance per element from that argument instead of using a fixed number; see it
 
 All rules run in one pair of DDP worker processes: each worker sets the environment a launcher
 (torchrun, SLURM) would set, so Lightning's DDP strategy joins it instead of relaunching, and then
-trains every rule in turn through ``bench.train.train`` — the code path of ``python -m bench run``.
+trains every rule in turn through ``bench.run.train.train`` — the code path of ``python -m bench run``.
 Paying the Lightning import once per worker instead of once per rule and rank keeps this test
 affordable as the rule list grows. Adding a rule adds its row here automatically; a rule that
 needs extra settings for this tiny problem lists them in ``RULE_OVERRIDES``.
@@ -65,7 +65,7 @@ def _ddp_worker(rank: int, port: int, root: str, rules: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
                       LOCAL_RANK=str(rank), RANK=str(rank), CI="true", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from bench.train import train
+    from bench.run.train import train
 
     for rule in rules:
         train(rule_config(rule, "trainer.name=ddp_cpu", "data.batch_size=8", f"output.root={root}/{rule}"))
@@ -87,7 +87,7 @@ def ddp_root(tmp_path_factory):
 
 def initial_weights(rule: str, root) -> dict[str, torch.Tensor]:
     """The weights a rule's runs start from: its config with lr = 0 (same seed, same model)."""
-    from bench.train import train
+    from bench.run.train import train
 
     train(rule_config(rule, "algorithm.lr=0.0", "trainer.max_steps=1", "data.batch_size=16", f"output.root={root}"))
     return model_tensors(load_state(run_dirs(root)[0]))
@@ -104,7 +104,7 @@ def model_tensors(state: dict) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("rule", RULES_UNDER_TEST)
 def test_ddp_two_processes_equal_one_process_double_batch(rule, tmp_path, ddp_root, init_weights):
-    from bench.train import train
+    from bench.run.train import train
 
     single = train(rule_config(rule, "trainer.name=cpu", "data.batch_size=16", f"output.root={tmp_path}"))
     (ddp_dir,) = run_dirs(ddp_root / rule)
@@ -223,7 +223,7 @@ def test_ddp_adam_within_the_rounding_bound(rule, tmp_path, ddp_root, monkeypatc
     Added: each side's own rounding of w − step and of the step. Not covered, and negligible here
     by the margins this test prints: a step's weight difference changing the next step's gradient
     (δ's effect on the weights, fed back through one more product)."""
-    from bench.train import train
+    from bench.run.train import train
 
     store: list = []
     capture_updates(monkeypatch, store)

@@ -17,7 +17,7 @@ from bench import cli
 from bench.algorithms.backprop import Backprop
 from bench.algorithms.base import AlgorithmModule
 from bench.results.io import read_csv, read_json
-from bench.train import train
+from bench.run.train import train
 from conftest import SMALL, load_state, one_run_dir
 
 @pytest.fixture
@@ -132,7 +132,8 @@ def test_bench_run_prints_one_line_and_exits_0(tmp_path, capsys):
 def test_table_cell_reads_diverged_at_step(tmp_path):
     from omegaconf import OmegaConf
 
-    from bench.results.table import Cell, aggregate, cell_text
+    from bench.results.table import aggregate, cell_text
+    from bench.run.cells import Cell
 
     table = OmegaConf.create({"rows": {"A": {"paper": {"c": {"test": 1.0}}}}, "columns": {"c": {}},
                               "metric": {"fields": {"test": "test/err1"}}})
@@ -147,16 +148,16 @@ def test_sweep_runner_treats_a_diverged_cell_as_a_result(tmp_path, monkeypatch):
     the cell is diverged, not failed, and its line says where."""
     from omegaconf import OmegaConf
 
-    from bench import sweep
-    from bench.results.table import Cell
+    from bench.run import sweep
+    from bench.run.cells import Cell
+    from bench.run.plan import RunPlan
 
     cfg = OmegaConf.create({"output": {"root": str(tmp_path)}})
-    cell = Cell("A", "c", 0, cfg=cfg)
     run_dir = tmp_path / "run"
+    cell = Cell("A", "c", 0, cfg=cfg, plan=RunPlan(cfg, "run", "0", run_dir))  # the cell's folder, whatever its config
     run_dir.mkdir()
     (run_dir / "summary.json").write_text(json.dumps({"status": "diverged", "final": {},
                                                       "divergence": {"step": 4, "quantity": "loss"}}))
-    monkeypatch.setattr(sweep, "run_name", lambda cfg: "run")  # the cell's folder, whatever its config
     log = tmp_path / "log"
     log.write_text("diverged: ...\n")
     sweep.finish(sweep.Worker(cell=cell, proc=None, log=log, started=0.0), 0)

@@ -18,7 +18,7 @@ from bench.algorithms.equilibrium import EquilibriumPropagation
 from bench.callbacks.probe import AlignmentProbe
 from bench.config import ConfigError, compose
 from bench.models import create_model
-from bench.train import train
+from bench.run.train import train
 from conftest import angle, fixed, load_state, one_run_dir
 
 D_IN, WIDTH, CLASSES = 6, 5, 3

@@ -25,7 +25,7 @@ from bench.feedback.direct import DirectFeedback
 from bench.feedback.replaced import FeedbackLayer, convert_to_feedback
 from bench.models import create_model
 from bench.results.io import read_csv, read_json
-from bench.train import train
+from bench.run.train import train
 from conftest import angle, fixed, load_state, one_run_dir
 
 

@@ -7,9 +7,9 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 from omegaconf import OmegaConf
 
-import bench.results.table as table_mod
 from bench.results import plots
-from bench.results.table import Cell, aggregate, draw_curves, plot_figure
+from bench.results.table import aggregate, draw_curves, plot_figure
+from bench.run.cells import Cell
 
 # dfa-fig4 as committed: one seed, 62.31–62.40 % across the bottleneck sizes, FMNIST for CIFAR-10
 FIG4 = {"10": 62.31, "25": 62.33, "50": 62.38, "100": 62.33, "200": 62.40, "400": 62.40, "800": 62.37}
@@ -25,7 +25,7 @@ def captured(monkeypatch):
         fig.canvas.draw()
         return path
 
-    monkeypatch.setattr(table_mod, "_save", save)
+    monkeypatch.setattr(plots, "save", save)
     return figures
 
 

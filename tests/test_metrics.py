@@ -24,7 +24,7 @@ def test_macro_scores_match_sklearn(num_classes, n):
 
 
 def test_test_split_logs_precision_recall_f1(small_cfg):
-    from bench.train import train
+    from bench.run.train import train
 
     cfg = small_cfg()
     summary = train(cfg)

@@ -2,7 +2,7 @@
 performance numbers live in `make perf`, never in tests)."""
 import pytest
 
-from bench import perf
+from bench.run import perf
 
 
 def test_epoch_ratios_rows_are_quotients_of_their_timings(tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from bench.results import readme
-from bench.results.table import Cell, write_table
+from bench.results.table import write_table
+from bench.run.cells import Cell
 
 REPO = Path(__file__).resolve().parent.parent
 

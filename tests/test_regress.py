@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import regress
+from bench.run import regress
 
 
 @pytest.mark.parametrize("measured, expected", [(80.0, 0), (78.6, 0), (78.4, 1)])

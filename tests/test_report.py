@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 import bench.config as config
 from bench import cli
 from bench.config import run_name
-from bench.report import report
+from bench.results.report import report
 from bench.results.io import read_csv, write_csv, write_json
-from bench.results.table import expand
-from bench.train import train
+from bench.run.cells import expand
+from bench.run.train import train
 from conftest import synth
 
 TABLE_ID = "test-report"
@@ -168,7 +168,7 @@ def test_compare_warns_once_per_difference_in_data_model_or_budget(tmp_path, cap
 
 
 def test_compare_a_run_with_a_table_side_warns_only_on_what_both_record():
-    from bench.report import differences
+    from bench.results.report import differences
 
     run = {"data": {"name": "fmnist", "batch_size": 32}, "model": {"name": "mlp", "depth": 5},
            "budget": "smoke", "epochs": [1]}

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from bench.config import load_table
 from bench.results.io import read_csv
-from bench.results.table import Cell, headline_budget, result_suffix, write_table
+from bench.results.table import headline_budget, result_suffix, write_table
+from bench.run.cells import Cell
 
 REPO = Path(__file__).resolve().parent.parent
 

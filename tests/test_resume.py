@@ -18,7 +18,7 @@ import torch
 from bench import cli
 from bench.config import compose
 from bench.results.io import read_csv
-from bench.train import train
+from bench.run.train import train
 from conftest import REPO, cli_env, one_run_dir
 
 EPOCHS = 4

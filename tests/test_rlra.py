@@ -17,7 +17,7 @@ from bench.callbacks.probe import AlignmentProbe
 from bench.config import compose
 from bench.models import create_model
 from bench.results.io import read_csv
-from bench.train import train
+from bench.run.train import train
 from conftest import angle, fixed, load_state, one_run_dir, tanh_mlp_backprop
 
 RULE_CLASSES = {"rlra": RecursiveLRA, "lra_e": LRAE}

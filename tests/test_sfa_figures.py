@@ -24,8 +24,9 @@ from bench.config import compose, load_table
 from bench.data.synthetic import make_synthetic
 from bench.results.computed import COMPUTED, build_rule
 from bench.results.io import read_csv
-from bench.results.table import aggregate, expand, plot_curves, plot_figure, run_cells, write_table
-from bench.train import train
+from bench.results.table import aggregate, plot_curves, plot_figure, write_table
+from bench.run.cells import expand, run_cells
+from bench.run.train import train
 from conftest import fixed, synth
 
 

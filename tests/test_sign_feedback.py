@@ -18,7 +18,7 @@ from bench.config import compose
 from bench.feedback.replaced import FeedbackLayer
 from bench.models import create_model
 from bench.results.io import read_csv
-from bench.train import train
+from bench.run.train import train
 from conftest import angle, fixed, load_state, one_run_dir
 
 @pytest.fixture(autouse=True, scope="module")

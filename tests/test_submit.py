@@ -10,9 +10,9 @@ import pytest
 
 import bench.config as config
 from bench import cli
-from bench import submit as sb
-from bench.results.table import expand
-from bench.sweep import SWEEPS_DIR
+from bench.run import submit as sb
+from bench.run.cells import expand
+from bench.run.sweep import SWEEPS_DIR
 from test_sweep import TABLE_ID, sweep_configs  # noqa: F401 - the fixture
 
 TEMPLATE = SWEEPS_DIR / "slurm" / "template.sbatch"

@@ -11,11 +11,11 @@ import pytest
 from omegaconf import OmegaConf
 
 import bench.config as config
-import bench.sweep as sw
+import bench.run.sweep as sw
 from bench import cli
 from bench.config import compose, config_hash, parse_cli, run_name
 from bench.algorithms import RULES
-from bench.results.table import row_algorithm
+from bench.run.cells import row_algorithm
 from conftest import synth
 
 SWEEP_FILES = sorted(sw.SWEEPS_DIR.glob("*.yaml"))

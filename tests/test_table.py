@@ -9,8 +9,9 @@ from omegaconf import OmegaConf
 
 import bench.config as config
 from bench.results.io import read_csv
-from bench.results.table import DATA_UNAVAILABLE, NOT_IMPLEMENTED, expand, run_cells, write_table
-from bench.train import train
+from bench.results.table import write_table
+from bench.run.cells import DATA_UNAVAILABLE, NOT_IMPLEMENTED, expand, run_cells
+from bench.run.train import train
 
 TABLE_ID = "test-synth"
 PAPER = {
@@ -63,9 +64,9 @@ def test_table_renders_end_to_end(tmp_path, table_configs):
 
     trained = []
 
-    def train_fn(cfg):
-        trained.append((cfg.row, cfg.column))
-        return train(cfg)
+    def train_fn(plan):
+        trained.append((plan.cfg.row, plan.cfg.column))
+        return train(plan)
 
     run_cells(cells, train_fn)
     # mnist fails once with DataUnavailable; the FA/mnist cell reuses that verdict without training
@@ -129,8 +130,8 @@ def test_table_renders_end_to_end(tmp_path, table_configs):
     # a default that changes after the runs makes FA's finished folder another config's: it is not
     # rendered as this cell's result, and running it fails with the one-line mismatch, not a silent skip
     fa_yaml = table_configs / "algorithm" / "fa.yaml"
-    assert "feedback_sigma: 0.05" in fa_yaml.read_text()
-    fa_yaml.write_text(fa_yaml.read_text().replace("feedback_sigma: 0.05", "feedback_sigma: 0.123"))
+    assert "feedback_sigma" not in fa_yaml.read_text()  # the declared default (0.05) applies
+    fa_yaml.write_text(fa_yaml.read_text() + "feedback_sigma: 0.123\n")
     _, changed = expand(TABLE_ID, "tiny", output_root=str(runs))
     status = {(c.row, c.column): c.status for c in changed}
     assert status[("BP", "synth")] == "finished" and status[("FA", "synth")] == "pending"
@@ -144,7 +145,8 @@ def test_table_figure_has_one_line_per_column_and_the_measured_points(tmp_path):
     """Figures whose points are table rows (dfa-fig4): x from each row's config, y the measured mean."""
     import matplotlib.image
 
-    from bench.results.table import Cell, plot_figure
+    from bench.results.table import plot_figure
+    from bench.run.cells import Cell
 
     table = OmegaConf.create({
         "id": "fig-test", "title": "t",

@@ -17,7 +17,7 @@ from torch import nn
 from bench.algorithms.target_prop import DifferenceTargetProp, TargetProp
 from bench.callbacks.probe import AlignmentProbe
 from bench.models import create_model
-from bench.train import train
+from bench.run.train import train
 from conftest import angle, fixed, load_state, one_run_dir, tanh_mlp_backprop
 
 RULE_CLASSES = {"tp": TargetProp, "dtp": DifferenceTargetProp}

@@ -372,7 +372,7 @@ def test_fa_rule_converts_every_lc_layer_of_lcnet_with_per_position_feedback():
     the rule's probe mode (true_gradient) recovers backprop."""
     from bench.feedback.replaced import FeedbackLayer
     from bench.models.locally_connected import FALocallyConnected2d
-    from bench.perf import build_module
+    from bench.run.perf import build_module
 
     module = build_module("fa", ["model.name=lcnet", "model.channels=[4,8,8]", "algorithm.feedback_init=kaiming"], [3, 16, 16])
     lc = [m for m in module.model.modules() if isinstance(m, FALocallyConnected2d)]

@@ -2,7 +2,7 @@
 axis rules that keep noise from reading as an effect, and atomic saving.
 
 Every figure (paper figures in :mod:`bench.results.table`, t-SNE maps in
-:mod:`bench.results.latents`, report plots in :mod:`bench.report`) goes through here, so every
+:mod:`bench.results.latents`, report plots in :mod:`bench.results.report`) goes through here, so every
 PNG states on itself what was measured: the budget, the epochs trained, the seeds behind each
 point, the device, and any stand-in dataset.
 

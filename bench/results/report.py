@@ -28,14 +28,13 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from omegaconf import OmegaConf
-
-from bench.config import ConfigError, run_name, slug, table_ids
+from bench.config import ConfigError, slug, table_ids
 from bench.results import plots
 from bench.results.io import read_csv, read_json, write_text
-from bench.results.table import Cell, aggregate, expand, natural_key, result_suffix, write_table
+from bench.results.table import aggregate, natural_key, result_suffix, write_table
+from bench.run.cells import Cell, expand  # the table's cells and their run folders (torch-free)
 
 UPDATE = "align/update/"
 
@@ -63,15 +62,11 @@ def load_runs(cells: list[Cell]) -> list[RunData]:
     for cell in cells:
         if cell.status not in ("finished", "diverged") or cell.cfg is None:
             continue
-        # where the table expects the run now (the summary's own path may predate a move)
-        run_dir = Path(cell.cfg.output.root) / run_name(cell.cfg)
+        run_dir = cell.run_dir  # where the table expects the run now (the summary's own path may predate a move)
         metrics = read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
         probe = read_csv(run_dir / "probe.csv") if (run_dir / "probe.csv").exists() else []
         runs.append(RunData(cell.row, cell.column, cell.seed, cell.summary, metrics, probe))
     return runs
-
-
-_pyplot = plots.pyplot
 
 
 def runs_note(runs: list[RunData], budget: str | None, stand_ins: list[str] = (), seed0: bool = False) -> str:
@@ -90,7 +85,7 @@ def plot_alignment(runs: list[RunData], title: str, note: str | None = None):
     runs = [r for r in runs if r.seed == 0 and any(k.startswith(UPDATE) for row in r.probe for k in row)]
     if not runs:
         return None
-    plt = _pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(len(runs), 1, figsize=(7, 2.4 * len(runs)), sharex=True, squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         layers = sorted({k for row in run.probe for k in row if k.startswith(UPDATE)}, key=natural_key)
@@ -113,7 +108,7 @@ def plot_error_curves(runs: list[RunData], title: str, note: str | None = None):
     runs = [r for r in runs if r.seed == 0 and r.metrics]
     if not runs:
         return None
-    plt = _pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, key, name in ((axes[0], "train/err1", "train error (running, during the epoch)"),
                           (axes[1], "val/err1", "validation error (end of epoch)")):
@@ -137,7 +132,7 @@ def plot_epoch_time(runs: list[RunData], title: str, note: str | None = None):
     runs = [r for r in runs if r.summary.get("time", {}).get("epoch_s")]
     if not runs:
         return None
-    plt = _pyplot()
+    plt = plots.pyplot()
     rows = list(dict.fromkeys(r.row for r in runs))
     columns = list(dict.fromkeys(r.column for r in runs))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) * max(1, len(columns)) + 2), 3.6))
@@ -157,11 +152,6 @@ def plot_epoch_time(runs: list[RunData], title: str, note: str | None = None):
     ax.set_title(title)
     plots.annotate(fig, note if note is not None else runs_note(runs, None))
     return fig
-
-
-def save_png(fig, path: Path) -> Path:
-    """Write a figure atomically (a killed report leaves the old PNG or the new one)."""
-    return plots.save(fig, path, dpi=110)
 
 
 def _stand_ins(table: DictConfig, cells: list[Cell], column: str | None = None) -> list[str]:
@@ -204,7 +194,7 @@ def report(table_id: str, budget: str, output_root: str | None = None, results: 
     table, cells = expand(table_id, budget, output_root=output_root, overrides=list(overrides))
     suffix = result_suffix(results, table, budget)  # a larger headline's files are renamed first
     figures = make_plots(table, budget, cells, results / "plots", suffix)
-    pngs = [save_png(fig, path) for path, fig in figures.items()]
+    pngs = [plots.save(fig, path, dpi=110) for path, fig in figures.items()]
     md, text = write_table(table, budget, cells, out_dir=results)
     if pngs:
         text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in pngs) + "\n"

@@ -1,4 +1,6 @@
-"""Reproduce a paper table: expand rows × columns × seeds, run what is missing, render the result.
+"""Render a paper table from its cells (:func:`bench.run.cells.expand` plans them and reads their
+run folders; ``bench table`` and ``bench sweep`` run the missing ones): the markdown, its CSV and
+its figures.
 
 Each cell of ``results/<id>.md`` reads ``paper → measured ± std (Δ)``; the header states the
 budget and device so a smoke number is never mistaken for a reproduction. A row whose rule does
@@ -21,105 +23,17 @@ import math
 import os
 import re
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.config import compose, load_table, row_columns, run_name, table_budget
 from bench.results import plots
 from bench.results.io import read_csv, write_csv, write_text
-from bench.results.run import device_name, git_commit, holds_config, read_summary
+from bench.results.run import device_name, git_commit
 
-NOT_IMPLEMENTED = "not implemented"
-DATA_UNAVAILABLE = "data unavailable"
-
-
-@dataclass
-class Cell:
-    row: str
-    column: str
-    seed: int
-    cfg: DictConfig | None = None
-    status: str = "pending"  # pending | finished | diverged | failed | not implemented | data unavailable
-    summary: dict = field(default_factory=dict)
-    reason: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{self.row} / {self.column} / s{self.seed}"
-
-
-def row_algorithm(table: DictConfig, row: str) -> str:
-    common = table.get("common") or {}
-    return str(OmegaConf.select(table.rows[row], "algorithm.name", default=None)
-               or OmegaConf.select(OmegaConf.create(common), "algorithm.name", default="bp"))
-
-
-def expand(table_id: str, budget: str, output_root: str | None = None, overrides: list[str] = (),
-           rows: list[str] | None = None, seeds: int | None = None) -> tuple[DictConfig, list[Cell]]:
-    """All cells of a table at a budget, with their resolved configs (validated up front)."""
-    from bench.algorithms import RULES  # import here: rendering a table needs no torch import chain
-
-    table = load_table(table_id)
-    cells = []
-    if table.get("compute"):
-        return table, cells
-    for row in table.rows:
-        if rows and row not in rows:
-            continue
-        _, scalars = table_budget(table, budget, table.rows[row])
-        n_seeds = seeds or int(scalars.get("seeds", 1))
-        for column in row_columns(table, row):
-            for seed in range(n_seeds):
-                cell = Cell(row, column, seed)
-                algorithm = row_algorithm(table, row)
-                if algorithm not in RULES:
-                    cell.status, cell.reason = NOT_IMPLEMENTED, f"rule {algorithm!r} is not implemented yet"
-                else:
-                    extra = [f"seed={seed}"] + ([f"output.root={output_root}"] if output_root else []) + list(overrides)
-                    cell.cfg = compose(table_id, row, column, budget, extra)
-                    run_dir = Path(cell.cfg.output.root) / run_name(cell.cfg)
-                    summary = read_summary(run_dir)
-                    # a folder from another config (a default changed since) is not this cell's
-                    # result: leave it pending, and training it then fails with the one-line
-                    # "holds a run of a different config" instead of rendering stale numbers
-                    if summary and summary["status"] in ("finished", "diverged", "failed") and holds_config(run_dir, cell.cfg):
-                        cell.status, cell.summary = summary["status"], summary
-                cells.append(cell)
-    return table, cells
-
-
-def run_cells(cells: list[Cell], train_fn: Callable[[DictConfig], dict], progress=None,
-              retry_failed: bool = False) -> None:
-    """Run every pending cell in order; one failing cell never stops the others."""
-    from bench.data import DataUnavailable
-
-    unavailable: dict[str, str] = {}
-    for cell in cells:
-        if cell.status == "failed" and retry_failed:
-            cell.status = "pending"
-        if cell.status != "pending":
-            if progress:
-                progress(cell)
-            continue
-        data_name = str(cell.cfg.data.name)
-        if data_name in unavailable:
-            cell.status, cell.reason = DATA_UNAVAILABLE, unavailable[data_name]
-        else:
-            try:
-                cell.summary = train_fn(cell.cfg)
-                cell.status = cell.summary.get("status", "failed")
-                cell.reason = cell.summary.get("error", "")
-            except DataUnavailable as exc:
-                unavailable[data_name] = str(exc)
-                cell.status, cell.reason = DATA_UNAVAILABLE, str(exc)
-            except Exception as exc:  # noqa: BLE001 - recorded in the table, the other cells go on
-                cell.status, cell.reason = "failed", f"{type(exc).__name__}: {exc}"
-        if progress:
-            progress(cell)
-
+if TYPE_CHECKING:
+    from bench.run.cells import Cell
 
 # --------------------------------------------------------------------------- rendering
 
@@ -287,9 +201,7 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
         t, last = c.summary.get("time", {}), c.summary.get("last_epoch", {})
         layers = forward_order([k for k, v in last.items() if k.startswith("align/update/") and v not in ("", None)])
         if c.cfg is not None:  # the run's probe.csv header is the model's forward order, whatever the names
-            from bench.config import run_name
-
-            probe = Path(c.cfg.output.root) / run_name(c.cfg) / "probe.csv"
+            probe = c.run_dir / "probe.csv"
             if probe.exists():
                 with open(probe) as f:
                     header = f.readline().strip().split(",")
@@ -298,9 +210,6 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
         lines.append(f"| {c.row} | {c.column} | {_fmt(t.get('epoch_s_mean'))} | {_fmt(t.get('step_median_ms'), 3)} | "
                      f"{_fmt(c.summary.get('memory', {}).get('peak_mb'), 0)} | {' / '.join(angles) or '–'} |")
     return lines
-
-
-_pyplot, _save = plots.pyplot, plots.save  # the one plotting setup (bench/results/plots.py)
 
 
 def _column_label(table: DictConfig, column: str, cells: list[Cell]) -> str:
@@ -327,7 +236,7 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
     figure states its budget, epochs, seeds, device and stand-ins (``note``, default from the
     cells). Options: ``log_x``, ``log_y``, ``labels`` (per series), ``x_label``.
     Returns the PNG's path and the number of lines drawn in each panel."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     spec = table.figure if spec is None else spec
     x_of = {}
     for c in cells:
@@ -366,7 +275,7 @@ def plot_figure(table: DictConfig, records: list[dict], cells: list[Cell], path:
     lines = [len(ax.get_legend_handles_labels()[1]) for ax in axes[0]]
     fig.suptitle(f"{table.id}: {spec.get('title', table.title)}", fontsize=10)
     plots.annotate(fig, note if note is not None else figure_note(table, records, cells))
-    return _save(fig, path), lines
+    return plots.save(fig, path), lines
 
 
 def run_curves(cells: list[Cell], key: str, file: str = "probe.csv", x: str = "step") -> dict[tuple[str, str], dict[str, list]]:
@@ -374,14 +283,11 @@ def run_curves(cells: list[Cell], key: str, file: str = "probe.csv", x: str = "s
     one row per epoch), per (row, column): {line: [(x, mean over finished seeds), ...]} with x the
     CSV's ``step`` or ``epoch`` column. ``key`` ending in ``/`` is a prefix (one line per layer,
     named by the rest of the key); otherwise one line named ``key``."""
-    from bench.config import run_name
-    from bench.results.io import read_csv
-
     per_cell: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
     for c in cells:
         if c.status != "finished" or c.cfg is None:
             continue
-        path = Path(c.cfg.output.root) / run_name(c.cfg) / file
+        path = c.run_dir / file
         if not path.exists():
             continue
         lines = per_cell.setdefault((c.row, c.column), {})
@@ -456,7 +362,7 @@ def draw_curves(table: DictConfig, spec: DictConfig, path: Path, subtitle: str, 
     """One curve PNG: ``lines`` is {label: [(x, value), ...]}; returns its path and the number of
     lines drawn. Epochs get whole-number ticks; without ``ylim`` the y axis never spans less than
     ``plots.MIN_REL_SPAN`` of the values."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     key, x = str(spec.key), str(spec.get("x", "step"))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for label, points in lines.items():
@@ -476,7 +382,7 @@ def draw_curves(table: DictConfig, spec: DictConfig, path: Path, subtitle: str, 
     ax.set_title(f"{table.id}: {spec.get('title', table.title)}\n{subtitle}", fontsize=9)
     plots.annotate(fig, note)
     n = len(ax.get_lines()) - len(spec.get("hlines", []) or [])
-    return _save(fig, path), n
+    return plots.save(fig, path), n
 
 
 def figure_specs(table: DictConfig) -> list[DictConfig]:

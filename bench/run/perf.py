@@ -188,7 +188,7 @@ def lightning_floor_epoch(cfg, dm) -> float:
 
 
 def suite_epoch(cfg, out_root: Path, tag: str) -> tuple[float, float]:
-    from bench.train import train
+    from bench.run.train import train
 
     cfg = cfg.copy()
     cfg.output.root = str(out_root / tag)
@@ -244,8 +244,8 @@ def _print(rows: list[dict], title: str) -> None:
 def main(args: argparse.Namespace) -> None:
     import tempfile
 
-    from bench.benchmarks import BENCHMARKS
-    from bench.train import quiet_lightning
+    from bench.run.benchmarks import BENCHMARKS
+    from bench.run.train import quiet_lightning
 
     quiet_lightning()
     repeats = 5 if args.quick else args.repeats

@@ -33,7 +33,7 @@ DEFAULT_RULES = {"bp": 1.5, "fa": 1.5, "dfa": 1.5}  # tolerance in accuracy poin
 def measure(config: list[str], rules: list[str]) -> dict[str, float]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bench.train import train
+    from bench.run.train import train
 
     quiet = not interactive()
     accuracies = {}
@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bench.train import quiet_lightning
+    from bench.run.train import quiet_lightning
 
     quiet_lightning()
     path = Path(args.baseline)

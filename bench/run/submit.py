@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from bench.config import ConfigError
-from bench.results.table import Cell
+from bench.run.cells import Cell
 
 # key: (type, submitit parameter). Values are checked before anything is submitted.
 SLURM_KEYS = {
@@ -86,17 +86,12 @@ class RunJob:
         from bench.cli import main
 
         try:
-            main(["run", *args])
+            summary = main(["run", *args])  # the run's summary (None for a cell its row does not run)
         except SystemExit as exc:
             if exc.code not in (0, None):
                 raise RuntimeError(f"bench run {' '.join(args)} exited with status {exc.code}") from None
-        from bench.config import compose, parse_cli
-        from bench.results.run import read_summary
-        from bench.train import run_dir_for
-
-        run, dotlist = parse_cli(args)
-        cfg = compose(run.get("table"), run.get("row"), run.get("column"), run.get("budget"), dotlist)
-        return read_summary(run_dir_for(cfg)) or {}
+            summary = None
+        return summary or {}
 
     def checkpoint(self, args: list[str]):
         import submitit

@@ -4,6 +4,10 @@ A run folder that already holds a finished summary is skipped (its checkpoint is
 one with ``last.ckpt`` and no final status resumes from it (Lightning restores weights,
 optimizer, scheduler, loop and callback state; the rule's feedback tensors are buffers, so they
 travel in the state dict). Every checkpoint load is ``weights_only=True`` (bench/checkpoint.py).
+
+The run's name, config hash and folder come in a :class:`~bench.run.plan.RunPlan`, computed once;
+its trainer and output values are checked once (:func:`check_runtime`): by the caller that made the
+plan (``bench run``, ``bench table``), or here when :func:`train` is given a bare config.
 """
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ from bench.callbacks.probe import AlignmentProbe
 from bench.callbacks.timing import EpochTimer
 from bench.console import interactive, under_ci
 from bench.checkpoint import SafeCheckpointIO, load_checkpoint
-from bench.config import ConfigError, config_hash, run_name
+from bench.config import ConfigError
 from bench.data import create_datamodule
 from bench.models import create_model
-from bench.results.run import CKPT_KEY, FINAL_STATUSES, RunRecorder, holds_config, read_summary
+from bench.results.run import CKPT_KEY, FINAL_STATUSES, holds_config, read_summary
+from bench.run.plan import RunPlan
+from bench.run.recorder import RunRecorder
 
 # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (to keep fork-based strategies safe),
 # which makes torch.optim query NVML on *every* optimizer step: ~0.1 ms per step on a machine
@@ -76,10 +82,6 @@ def check_runtime(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}={t[key]} is not valid; a positive count" + (" or -1 (all)" if key == "devices" else ""))
 
 
-def run_dir_for(cfg: DictConfig) -> Path:
-    return Path(cfg.output.root) / run_name(cfg)
-
-
 def show_progress(cfg: DictConfig) -> bool:
     mode = str(cfg.output.progress)
     if mode == "auto":
@@ -87,9 +89,10 @@ def show_progress(cfg: DictConfig) -> bool:
     return mode == "rich"
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
+def build_trainer(plan: RunPlan, callbacks: list) -> L.Trainer:
     """The run's Lightning Trainer. Its checkpoint loads are ``weights_only=True`` (the
     :class:`SafeCheckpointIO` plugin), including ``fit(ckpt_path=...)``'s resume."""
+    cfg, run_dir = plan.cfg, plan.run_dir
     t = cfg.trainer
     strategy = t.strategy
     if strategy == "ddp":
@@ -108,7 +111,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
 
         # The W&B run id is a function of the run name, so a resumed run continues its W&B run.
         wandb_id = hashlib.sha1(f"{run_dir.resolve()}".encode()).hexdigest()[:16]
-        loggers.append(WandbLogger(project="bpfree-bench", name=run_name(cfg), mode=cfg.output.wandb,
+        loggers.append(WandbLogger(project="bpfree-bench", name=plan.run_name, mode=cfg.output.wandb,
                                    save_dir=str(run_dir), id=wandb_id, resume="allow"))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
@@ -124,27 +127,27 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_dir: Path) -> L.Trainer:
     )
 
 
-def check_same_config(run_dir: Path, cfg: DictConfig, checkpoint: bool = True) -> None:
+def check_same_config(plan: RunPlan, checkpoint: bool = True) -> None:
     """Refuse to skip or resume a run folder that holds a run of another config, or (with
     ``checkpoint``) whose ``last.ckpt`` is not plain data or was written for another config."""
-    if not holds_config(run_dir, cfg):
-        raise ConfigError(f"run folder {run_dir} holds a run of a different config; delete it, or pass "
+    if not holds_config(plan.run_dir, plan.config_hash):
+        raise ConfigError(f"run folder {plan.run_dir} holds a run of a different config; delete it, or pass "
                           f"output.root=<another folder>")
     if checkpoint:
-        checkpoint_header(run_dir, cfg)
+        checkpoint_header(plan)
 
 
-def checkpoint_header(run_dir: Path, cfg: DictConfig) -> dict | None:
+def checkpoint_header(plan: RunPlan) -> dict | None:
     """The run folder's ``last.ckpt`` (None if there is none), loaded ``weights_only=True`` and memory-
     mapped (only the small entries are read, not the weights), after checking it is this config's."""
-    ckpt = run_dir / "last.ckpt"
+    ckpt = plan.run_dir / "last.ckpt"
     if not ckpt.exists():
         return None
     saved = load_checkpoint(ckpt, mmap=True)  # a file that is not plain data: one line, its payload never runs
     saved_hash = saved.get(CKPT_KEY, {}).get("config_hash")
-    if saved_hash is not None and saved_hash != config_hash(cfg):
+    if saved_hash is not None and saved_hash != plan.config_hash:
         raise ConfigError(f"checkpoint {ckpt} is from a different config (hash {saved_hash}, this run "
-                          f"{config_hash(cfg)}); delete it to start over, or pass output.root=<another folder>")
+                          f"{plan.config_hash}); delete it to start over, or pass output.root=<another folder>")
     return saved
 
 
@@ -155,17 +158,30 @@ def resume_line(run_dir: Path, saved: dict, epochs: int) -> str:
             f"training continues with epoch {done} (numbered from 0, as in metrics.csv)")
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool = True) -> dict:
-    """Train (or resume, or skip) one run and return its summary."""
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+def plan_run(cfg: DictConfig, run_dir: str | Path | None = None) -> RunPlan:
+    """The plan of a composed config, its trainer and output values checked (:func:`check_runtime`)."""
     check_runtime(cfg)
-    check_same_config(run_dir, cfg, checkpoint=False)
+    return RunPlan.of(cfg, run_dir)
+
+
+def train(run: RunPlan | DictConfig, run_dir: str | Path | None = None, retry_failed: bool = True) -> dict:
+    """Train (or resume, or skip) one run and return its summary. ``run`` is the run's plan, whose
+    trainer values its maker has checked, or a bare config, which is checked and planned here
+    (``run_dir`` then overrides its folder)."""
+    if isinstance(run, RunPlan):
+        if run_dir is not None:
+            raise TypeError("train(plan, run_dir): a plan carries its run folder")
+        plan = run
+    else:
+        plan = plan_run(run, run_dir)
+    cfg, run_dir = plan.cfg, plan.run_dir
+    check_same_config(plan, checkpoint=False)
     summary = read_summary(run_dir)  # before the checkpoint: a finished run is skipped unopened
     if summary and summary["status"] in ("finished", "diverged"):
         return summary
     if summary and summary["status"] == "failed" and not retry_failed:
         return summary
-    saved = checkpoint_header(run_dir, cfg)
+    saved = checkpoint_header(plan)
     quiet_lightning()
     if int(cfg.trainer.threads) > 0:
         torch.set_num_threads(int(cfg.trainer.threads))
@@ -178,9 +194,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, retry_failed: bool
     module = RULES.get(str(cfg.algorithm.name))(cfg, model, datamodule.num_classes, datamodule.input_shape)
 
     probe, timer, guard = AlignmentProbe(), EpochTimer(), DivergenceGuard()
-    recorder = RunRecorder(run_dir, cfg, probe=probe, timer=timer, checkpoint=bool(cfg.output.checkpoint), guard=guard)
+    recorder = RunRecorder(plan, probe=probe, timer=timer, checkpoint=bool(cfg.output.checkpoint), guard=guard)
     ckpt = recorder.ckpt_path if saved is not None else None
-    trainer = build_trainer(cfg, [timer, probe, guard, recorder], run_dir)
+    trainer = build_trainer(plan, [timer, probe, guard, recorder])
     if ckpt is not None and trainer.is_global_zero:
         print(resume_line(run_dir, saved, int(cfg.trainer.epochs)), file=sys.stderr, flush=True)
     del saved

@@ -23,9 +23,9 @@ import statistics
 
 import torch
 
-from bench.benchmarks import BENCHMARKS
+from bench.run.benchmarks import BENCHMARKS
 from bench.feedback.direct import feedback_memory
-from bench.perf import build_module, interleaved_times
+from bench.run.perf import build_module, interleaved_times
 
 CNN = ["model.name=cnn", "model.channels=[32,64,64]", "model.kernel=5", "model.activation=tanh"]
 CASES = [

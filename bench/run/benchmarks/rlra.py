@@ -10,7 +10,7 @@
     synapses into the inner maps, 3×3 and 1×1) and ``local_bp`` (the paper's alternative).
 
   Rules are interleaved in a shuffled order on the same batch; the ratio is the median over
-  repeats of (rule time / BP time in that repeat), as in :mod:`bench.perf`.
+  repeats of (rule time / BP time in that repeat), as in :mod:`bench.run.perf`.
 * **error-synapse memory** — bytes of the error synapses (dense / conv / low-rank) of each
   variant on each model, next to the model's own parameter bytes.
 """
@@ -20,8 +20,8 @@ import statistics
 
 import torch
 
-from bench.benchmarks import BENCHMARKS
-from bench.perf import build_module, interleaved_times
+from bench.run.benchmarks import BENCHMARKS
+from bench.run.perf import build_module, interleaved_times
 
 MLP = ["model.name=mlp", "model.depth=5", "model.width=256", "model.activation=tanh"]
 RESNET = ["model.name=timm:resnet18", "model.cifar_stem=true"]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bench.benchmarks import BENCHMARKS
+from bench.run.benchmarks import BENCHMARKS
 from bench.config import CONFIG_DIR
 from bench.results.io import read_json
 
@@ -71,7 +71,7 @@ def time_sweep(configs: Path, parallel: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "bench", "sweep", TABLE_ID, "--local", "--budget", "smoke", "--parallel",
            str(parallel), "--output-root", str(out / "runs"), "--results", str(out / "results")]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[3])
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -87,7 +87,7 @@ def time_sweep(configs: Path, parallel: int, out: Path) -> dict:
 
 @BENCHMARKS.register("sweep_parallel")
 def run(args) -> list[dict]:
-    from bench.sweep import usable_cores
+    from bench.run.sweep import usable_cores
 
     repeats = 1 if getattr(args, "quick", False) else min(int(getattr(args, "repeats", 3)), 3)
     settings = (1, 2)
