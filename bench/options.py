@@ -246,6 +246,9 @@ def _convert(tp: Any, value: Any) -> Any:
 ACTIVATIONS = ("tanh", "relu", "elu", "sigmoid", "sign", "abs", "leaky_relu", "identity")
 WEIGHT_INITS = ("default", "gaussian", "xavier", "kaiming", "lecun")
 FEEDBACK_INITS = ("gaussian", "xavier", "kaiming", "uniform")
+# Rules that replace every Linear/Conv2d's backward by a feedback tensor (bench/feedback/replaced.py):
+# they cannot train a weight shared by two layers (a tied embedding and output head).
+REPLACED_BACKWARD_RULES = ("fa", "usf_init", "usf_sn", "ss", "kp", "wm", "dense_fa")
 
 
 # --------------------------------------------------------------------------- the shared sections
@@ -322,6 +325,8 @@ class DataOptions(Options):
     num_classes: int = opt(10, "synthetic: the number of classes", ge=2)
     n_train: int = opt(2000, "synthetic: training samples", ge=1)
     n_test: int = opt(500, "synthetic: test samples", ge=1)
+    seq_len: int = opt(64, "text: tokens per sequence, the context T (Launay et al. 2020: 128)", ge=1)
+    vocab_size: int = opt(4096, "text: BPE vocabulary size, <eos> included (trained on the training split; Launay et al.: 32000)", ge=257)
 
 
 # Lightning's accepted values (lightning.fabric.connector; tests/test_options.py checks them against the

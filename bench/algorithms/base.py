@@ -91,7 +91,9 @@ class AlgorithmModule(L.LightningModule):
                    "acc1": torchmetrics.classification.MulticlassAccuracy(self.num_classes, top_k=1, average="micro", validate_args=False)}
         if self.num_classes > 5:
             metrics["acc5"] = torchmetrics.classification.MulticlassAccuracy(self.num_classes, top_k=5, average="micro", validate_args=False)
-        if split == "test":  # rlra Table 5 (middle): precision, recall and F1 from the test confusion matrix
+        # rlra Table 5 (middle): precision, recall and F1 from the test confusion matrix; not for a
+        # language model, whose V×V matrix (V the vocabulary) would not fit in memory
+        if split == "test" and not is_language_model(self.model):
             metrics["confmat"] = torchmetrics.classification.MulticlassConfusionMatrix(self.num_classes, validate_args=False)
         return nn.ModuleDict(metrics)
 
@@ -195,6 +197,8 @@ class AlgorithmModule(L.LightningModule):
         if self.tap is not None and not self._probe_due:
             self.tap.clear()  # drop references to this step's activations; the probe clears its own
         self.after_backward()
+        if is_language_model(self.model):  # perplexity = exp(mean next-token cross-entropy)
+            values[f"{prefix}/ppl"] = torch.exp(values[f"{prefix}/loss"])
         if self.max_grad_norm is not None:
             reproject_(self.parameters(), self.max_grad_norm)
         # Checked on the gradients the optimizer would get: a diverged step is never applied.
@@ -310,3 +314,8 @@ def reproject_(params, max_norm: float) -> None:
     norms = torch._foreach_norm(grads)
     for g, n in zip(grads, norms):
         g.mul_(torch.clamp(max_norm / (n + 1e-12), max=1.0))
+
+
+def is_language_model(model: nn.Module) -> bool:
+    """Token ids in, (B, T, V) logits out: the zoo's transformer (``input_dtype = torch.long``)."""
+    return getattr(model, "input_dtype", None) is torch.long

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.direct import DirectFeedback
 from bench.models.base import point_sizes
-from bench.options import AlgorithmOptions, ClassVar, Literal, opt
+from bench.options import AlgorithmOptions, ClassVar, ConfigError, Literal, opt
 
 
 class DirectOptions(AlgorithmOptions):
@@ -41,6 +41,19 @@ class DirectOptions(AlgorithmOptions):
     feedback_device: str | None = opt(None, "e.g. cuda:1: keep B and the projection on another device (Launay §2.3)")
     bottleneck_layer: str | None = opt(None, "dfa §4.2 bottleneck: a layer name (e.g. net.3) whose neurons are masked")
     bottleneck_neurons: int = opt(-1, "trainable neurons kept in bottleneck_layer (drawn once); -1 = off", ge=-1)
+    error_at: Literal["logits", "hidden"] = opt(
+        "logits", "where the projected error e is taken: logits = ∂L/∂ŷ (vocabulary-sized for a language model) | "
+                  "hidden = ∂L/∂(input of the output projection lm_head), per token (Launay et al. 2020's default)")
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if self.error_at == "hidden":
+            if self.name == "drtp":
+                raise ConfigError("algorithm.error_at=hidden is not valid for drtp: DRTP projects the one-hot target, "
+                                  "which lives at the logits")
+            if str(cfg.model.name) != "transformer":
+                raise ConfigError(f"algorithm.error_at=hidden is not valid for model.name={cfg.model.name}; it needs a "
+                                  f"model whose output projection is named (transformer: lm_head)")
 
 @RULES.register("dfa")
 class DirectFeedbackAlignment(AlgorithmModule):
@@ -51,7 +64,13 @@ class DirectFeedbackAlignment(AlgorithmModule):
         if self.tap is None or not self.tap.names:
             raise ValueError(f"{a.name}: model {self.cfg.model.name} exposes no feedback points")
         sizes = list(point_sizes(self.model, self.input_shape, a.granularity).values())
-        self.feedback = DirectFeedback(sizes, self.num_classes, unified=a.unified, normalize=a.normalize,
+        self.error_at = a.error_at
+        error_size = self.num_classes
+        if a.error_at == "hidden":
+            self.head = getattr(self.model, "lm_head")
+            error_size = self.head.in_features
+            self.head.register_forward_pre_hook(self._inject_at_head)
+        self.feedback = DirectFeedback(sizes, error_size, unified=a.unified, normalize=a.normalize,
                                        init=a.feedback_init, seed=int(self.cfg.seed) + 1)
         self.feedback_device = a.feedback_device
         self.tap.cut = True
@@ -98,12 +117,22 @@ class DirectFeedbackAlignment(AlgorithmModule):
         error = torch.autograd.grad(loss, logits, retain_graph=True)[0].reshape(-1, logits.shape[-1])
         return torch.sign(error).mul_(1.0 / rows) if self.signal == "sign_error" else error
 
+    def _inject_at_head(self, module, args):
+        """``error_at: hidden``: the output projection reads its input through :class:`_InjectAtHead`,
+        whose backward receives e = ∂L/∂(head input) per token and hands B_i e to every point."""
+        points = self.tap.outputs
+        if not (self.tap.cut and points) or not torch.is_grad_enabled():
+            return None
+        return (_InjectAtHead.apply(self, args[0], *points),)
+
     def objective(self, x, y):
         self.tap.clear()
         logits = self.model(x)
         loss = self.loss_fn(logits, y)
         points = self.tap.outputs
         if not points:  # inside true_gradient(): plain backprop
+            return loss, logits, loss
+        if self.error_at == "hidden":  # the head's pre-hook already wired the injection
             return loss, logits, loss
         signal = self.global_signal(logits, y, loss).detach()
         if self.feedback_device:
@@ -119,6 +148,32 @@ class DirectFeedbackAlignment(AlgorithmModule):
     def true_gradient(self):
         with self.tap.settings(cut=False):
             yield
+
+
+class _InjectAtHead(torch.autograd.Function):
+    """Identity on the output projection's input x (B, T, d); its backward gets e = ∂L/∂x (the
+    head's true backward, one pass, no second autograd call) and returns, besides e for x itself
+    (so a final norm before the head still learns), B_i s for every feedback point h_i, with s = e
+    (DFA) or sign(e)/rows (sign-DFA), one row per token. The points are inputs of this node only
+    so that autograd carries B_i s into each block's own backward."""
+
+    @staticmethod
+    def forward(ctx, rule, x, *points):
+        ctx.rule = rule
+        ctx.shapes = [p.shape for p in points]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rule = ctx.rule
+        error = grad.reshape(-1, grad.shape[-1])
+        if rule.signal == "sign_error":
+            error = torch.sign(error).mul_(1.0 / error.shape[0])
+        if rule.feedback_device:
+            error = error.to(rule.feedback_device)
+        out = [(projected * scale).to(grad.device).reshape(shape)
+               for (projected, scale), shape in zip(rule.feedback.project(error.detach()), ctx.shapes)]
+        return (None, grad, *out)
 
 
 @RULES.register("sdfa")

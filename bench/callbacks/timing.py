@@ -39,6 +39,7 @@ class EpochTimer(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._steps: list[float] = []
+        self._tokens = 0  # target tokens trained on this epoch (language models: token ids in)
         self._probe_at_start = pl_module.probe_seconds
         self._start = self._end = self._now(pl_module)
 
@@ -49,6 +50,9 @@ class EpochTimer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._end = self._now(pl_module)
         self._steps.append(self._end - self._batch_start - (pl_module.probe_seconds - self._probe_at_batch))
+        x, y = batch
+        if not x.is_floating_point() and y.dim() == 2:
+            self._tokens += y.numel()
 
     def on_train_epoch_end(self, trainer, pl_module):
         probe_s = pl_module.probe_seconds - self._probe_at_start
@@ -60,5 +64,9 @@ class EpochTimer(Callback):
             "time/probe_s": probe_s,
             "mem/peak_mb": peak_memory_mb(pl_module.device),
         }
+        if self._tokens:  # training tokens per second of train-only time, over all ranks
+            tokens = float(trainer.strategy.reduce(torch.tensor(float(self._tokens), device=pl_module.device), reduce_op="sum"))
+            values["time/tokens_per_s"] = tokens / epoch_s if epoch_s > 0 else float("nan")
+            values["data/tokens"] = tokens
         pl_module.log_dict(values, on_epoch=True, sync_dist=False)
         self.history.append({"epoch": trainer.current_epoch, **values})

@@ -8,7 +8,7 @@
 Every module also offers ``train_eval_dataloader()``: the training split in stored order,
 unaugmented, for the final train error the papers report.
 """
-from bench.data import imagenet, synthetic, vision  # noqa: F401  (each registers its builders)
+from bench.data import imagenet, synthetic, text, vision  # noqa: F401  (each registers its builders)
 from bench.data.base import DATASETS, DataUnavailable, create_datamodule
 from bench.data.loader import InMemoryLoader
 

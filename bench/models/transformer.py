@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.options import REPLACED_BACKWARD_RULES, Literal  # noqa: I001 (the LM options)
+
 from bench.models.base import MODELS, ZooModel
 from bench.options import ClassVar, ConfigError, ModelOptions, opt
 
@@ -57,11 +59,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool):
+    """c_fc → act → c_proj → dropout. ``activation="relu"`` (Launay et al.'s FFN) makes ``act`` ReLU
+    followed by the FFN's dropout, so the ``mlp.act`` feedback point sits after that dropout, where
+    their code places it (``dfas[1]`` after ``dropout(activation(linear1(src)))``)."""
+
+    def __init__(self, n_embd: int, dropout: float, bias: bool, hidden: int | None = None, activation: str = "gelu"):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.act = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        hidden = int(hidden) if hidden is not None else 4 * n_embd
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.act = nn.GELU() if activation == "gelu" else nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -71,12 +78,12 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(·)). No in-place ops on the stream."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, hidden: int | None = None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = FeedForward(n_embd, dropout, bias)
+        self.mlp = FeedForward(n_embd, dropout, bias, hidden)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -84,6 +91,45 @@ class Block(nn.Module):
 
 
 class TransformerOptions(ModelOptions):
+class PostLNBlock(nn.Module):
+    """Launay et al. 2020's block (PyTorch's post-LN ``TransformerEncoderLayer`` as their code writes
+    it): x = ln_1(x + attn(x)), then ln_2(x + mlp(x)). Same submodule names as :class:`Block`."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, hidden: int | None):
+        super().__init__()
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = FeedForward(n_embd, dropout, bias, hidden, activation="relu")
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+
+    def forward(self, x):
+        x = self.ln_1(x + self.attn(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding times √d_model (Vaswani et al. 2017; Launay et al.'s ``embedding(src)·√d``)."""
+
+    def forward(self, idx):
+        return super().forward(idx) * math.sqrt(self.embedding_dim)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sin/cos position codes (Vaswani et al. 2017), called with the positions like ``nn.Embedding``."""
+
+    def __init__(self, length: int, dim: int):
+        super().__init__()
+        position = torch.arange(length, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        pe = torch.zeros(length, dim)
+        pe[:, 0::2] = torch.sin(position * div)
+        pe[:, 1::2] = torch.cos(position * div)[:, : dim // 2]
+        self.register_buffer("pe", pe, persistent=False)
+
+    def forward(self, pos):
+        return self.pe[pos]
+
+
     names: ClassVar[tuple[str, ...]] = ("transformer",)
 
     n_layer: int = opt(2, "transformer blocks", ge=1)
@@ -94,8 +140,30 @@ class TransformerOptions(ModelOptions):
     bias: bool = opt(True, "biases in Linear and LayerNorm")
     tie_weights: bool = opt(False, "share the token embedding with the output head")
 
+    arch: Literal["nanogpt", "launay"] = opt(
+        "nanogpt", "nanogpt: pre-LN blocks, GELU, learned positions, final LayerNorm | launay: Launay et al. 2020's LM "
+                   "(post-LN blocks, ReLU, sinusoidal positions, embedding ×√d, no final norm, output bias)")
+    ffn_dim: int | None = opt(None, "FFN hidden width; null = 4·n_embd (Launay et al.: 2048 at d_model 512)", ge=1)
+
+    # Rules that are not defined on this model, and why (one line each, at compose time).
+    refused: ClassVar[dict] = {
+        "rlra": "rec-LRA's error synapses and targets are defined layer to layer on MLP/CNN/ResNet chains, not on "
+                "attention and residual token streams",
+        "lra_e": "LRA-E's error synapses and targets are defined layer to layer on MLP/CNN chains, not on attention",
+        "dtp": "difference target propagation needs a learned inverse of every layer, and attention has none here",
+        "tp": "target propagation needs a learned inverse of every layer, and attention has none here",
+        "eprop": "equilibrium propagation's energy is a layered Hopfield energy of an MLP; attention is not defined in it",
+        "dense_fa": "DenseFA sends fixed feedback from every later layer along one chain of layers; the transformer's "
+                    "residual stream and attention branch",
+    }
     def check(self, cfg) -> None:
         if self.n_embd % self.n_head:
+        rule = str(cfg.algorithm.name)
+        if rule in self.refused:
+            raise ConfigError(f"algorithm.name={rule} cannot train model.name=transformer: {self.refused[rule]}")
+        if self.tie_weights and rule in REPLACED_BACKWARD_RULES:
+            raise ConfigError(f"algorithm.name={cfg.algorithm.name} cannot train model.tie_weights=true: the tied lm_head/wte "
+                              f"weight would be one tensor with a feedback path (lm_head) and without one (wte)")
             raise ConfigError(f"model.n_embd={self.n_embd} is not valid; it must be divisible by model.n_head={self.n_head}")
 
 @MODELS.register("transformer")
@@ -105,31 +173,57 @@ class TransformerLM(ZooModel):
     input_dtype = torch.long  # read by rules that build dry-run inputs (token ids, not pixels)
 
     def __init__(self, input_shape, num_classes, n_layer=2, n_head=4, n_embd=128, block_size=None,
-                 dropout=0.0, bias=True, tie_weights=False):
+                 dropout=0.0, bias=True, tie_weights=False, arch="nanogpt", ffn_dim=None):
         super().__init__()
         seq_len = int(input_shape[0])
         self.block_size = int(block_size) if block_size is not None else seq_len
         if seq_len > self.block_size:
             raise ValueError(f"input length {seq_len} exceeds model.block_size={self.block_size}")
-        self.wte = nn.Embedding(num_classes, n_embd)
-        self.wpe = nn.Embedding(self.block_size, n_embd)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
-        self.lm_head = nn.Linear(n_embd, num_classes, bias=False)
-        # nanoGPT / GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+        self.arch = arch
+        if arch == "launay":
+            self._init_launay(num_classes, n_layer, n_head, n_embd, dropout, bias, ffn_dim)
+        else:
+            self.wte = nn.Embedding(num_classes, n_embd)
+            self.wpe = nn.Embedding(self.block_size, n_embd)
+            self.drop = nn.Dropout(dropout)
+            self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, ffn_dim) for _ in range(n_layer))
+            self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+            self.lm_head = nn.Linear(n_embd, num_classes, bias=False)
+            # nanoGPT / GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer)
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
         if tie_weights:
             self.lm_head.weight = self.wte.weight
         micro = []
+        # The attention sub-layer's normalised output is ln_2 in the pre-LN block (the LayerNorm
+        # after the attention residual sum) and ln_1 in the post-LN one (Launay's norm1).
+        attn_norm = "ln_1" if arch == "launay" else "ln_2"
         for i in range(n_layer):
-            micro += [f"blocks.{i}.ln_2", f"blocks.{i}.mlp.act", f"blocks.{i}"]
+            micro += [f"blocks.{i}.{attn_norm}", f"blocks.{i}.mlp.act", f"blocks.{i}"]
         self._points = {"micro": micro, "macro": [f"blocks.{i}" for i in range(n_layer)]}
 
     @staticmethod
+    def _init_launay(self, num_classes, n_layer, n_head, n_embd, dropout, bias, ffn_dim) -> None:
+        """Launay et al.'s LM: embedding U(−0.1, 0.1) ×√d, sinusoidal positions, dropout, post-LN
+        blocks with PyTorch's default init (attention in-projection Xavier-uniform, zero biases, as
+        ``nn.MultiheadAttention``), no final norm, output Linear with bias, U(−0.1, 0.1)."""
+        self.wte = ScaledEmbedding(num_classes, n_embd)
+        self.wpe = SinusoidalPositions(self.block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(PostLNBlock(n_embd, n_head, dropout, bias, ffn_dim) for _ in range(n_layer))
+        self.ln_f = nn.Identity()
+        self.lm_head = nn.Linear(n_embd, num_classes, bias=True)
+        for block in self.blocks:
+            nn.init.xavier_uniform_(block.attn.c_attn.weight)
+            for layer in (block.attn.c_attn, block.attn.c_proj):
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        nn.init.uniform_(self.wte.weight, -0.1, 0.1)
+        nn.init.uniform_(self.lm_head.weight, -0.1, 0.1)
+        nn.init.zeros_(self.lm_head.bias)
+
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.02)
