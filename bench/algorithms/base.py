@@ -150,6 +150,8 @@ class AlgorithmModule(L.LightningModule):
             values[f"{prefix}/err5"] = 100.0 * (1.0 - m["acc5"].compute())
         if "confmat" in m:
             values.update({f"{prefix}/{k}": v for k, v in macro_scores(m["confmat"].compute()).items()})
+        if is_language_model(self.model):  # perplexity = exp(mean next-token cross-entropy)
+            values[f"{prefix}/ppl"] = torch.exp(values[f"{prefix}/loss"])
         for metric in m.values():
             metric.reset()
         # torchmetrics already synchronised across ranks in compute()
@@ -197,8 +199,6 @@ class AlgorithmModule(L.LightningModule):
         if self.tap is not None and not self._probe_due:
             self.tap.clear()  # drop references to this step's activations; the probe clears its own
         self.after_backward()
-        if is_language_model(self.model):  # perplexity = exp(mean next-token cross-entropy)
-            values[f"{prefix}/ppl"] = torch.exp(values[f"{prefix}/loss"])
         if self.max_grad_norm is not None:
             reproject_(self.parameters(), self.max_grad_norm)
         # Checked on the gradients the optimizer would get: a diverged step is never applied.

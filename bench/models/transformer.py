@@ -90,7 +90,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class TransformerOptions(ModelOptions):
 class PostLNBlock(nn.Module):
     """Launay et al. 2020's block (PyTorch's post-LN ``TransformerEncoderLayer`` as their code writes
     it): x = ln_1(x + attn(x)), then ln_2(x + mlp(x)). Same submodule names as :class:`Block`."""
@@ -130,6 +129,7 @@ class SinusoidalPositions(nn.Module):
         return self.pe[pos]
 
 
+class TransformerOptions(ModelOptions):
     names: ClassVar[tuple[str, ...]] = ("transformer",)
 
     n_layer: int = opt(2, "transformer blocks", ge=1)
@@ -139,7 +139,6 @@ class SinusoidalPositions(nn.Module):
     dropout: float = opt(0.0, "dropout", ge=0, lt=1)
     bias: bool = opt(True, "biases in Linear and LayerNorm")
     tie_weights: bool = opt(False, "share the token embedding with the output head")
-
     arch: Literal["nanogpt", "launay"] = opt(
         "nanogpt", "nanogpt: pre-LN blocks, GELU, learned positions, final LayerNorm | launay: Launay et al. 2020's LM "
                    "(post-LN blocks, ReLU, sinusoidal positions, embedding ×√d, no final norm, output bias)")
@@ -156,14 +155,15 @@ class SinusoidalPositions(nn.Module):
         "dense_fa": "DenseFA sends fixed feedback from every later layer along one chain of layers; the transformer's "
                     "residual stream and attention branch",
     }
+
     def check(self, cfg) -> None:
-        if self.n_embd % self.n_head:
         rule = str(cfg.algorithm.name)
         if rule in self.refused:
             raise ConfigError(f"algorithm.name={rule} cannot train model.name=transformer: {self.refused[rule]}")
         if self.tie_weights and rule in REPLACED_BACKWARD_RULES:
             raise ConfigError(f"algorithm.name={cfg.algorithm.name} cannot train model.tie_weights=true: the tied lm_head/wte "
                               f"weight would be one tensor with a feedback path (lm_head) and without one (wte)")
+        if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} is not valid; it must be divisible by model.n_head={self.n_head}")
 
 @MODELS.register("transformer")
@@ -196,15 +196,14 @@ class TransformerLM(ZooModel):
                     nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
         if tie_weights:
             self.lm_head.weight = self.wte.weight
-        micro = []
         # The attention sub-layer's normalised output is ln_2 in the pre-LN block (the LayerNorm
         # after the attention residual sum) and ln_1 in the post-LN one (Launay's norm1).
         attn_norm = "ln_1" if arch == "launay" else "ln_2"
+        micro = []
         for i in range(n_layer):
             micro += [f"blocks.{i}.{attn_norm}", f"blocks.{i}.mlp.act", f"blocks.{i}"]
         self._points = {"micro": micro, "macro": [f"blocks.{i}" for i in range(n_layer)]}
 
-    @staticmethod
     def _init_launay(self, num_classes, n_layer, n_head, n_embd, dropout, bias, ffn_dim) -> None:
         """Launay et al.'s LM: embedding U(−0.1, 0.1) ×√d, sinusoidal positions, dropout, post-LN
         blocks with PyTorch's default init (attention in-projection Xavier-uniform, zero biases, as
@@ -224,6 +223,7 @@ class TransformerLM(ZooModel):
         nn.init.uniform_(self.lm_head.weight, -0.1, 0.1)
         nn.init.zeros_(self.lm_head.bias)
 
+    @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.02)
