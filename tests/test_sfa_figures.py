@@ -19,7 +19,7 @@ from matplotlib.image import imread
 from omegaconf import OmegaConf
 
 import bench.config as config
-from bench.callbacks.sign_flips import SignFlips
+from bench.metrics.sign_flips import SignFlips
 from bench.config import compose, load_table
 from bench.data.synthetic import make_synthetic
 from bench.results.computed import COMPUTED, build_rule

@@ -14,6 +14,7 @@ the divergence guard, update re-projection — lives here once.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -23,11 +24,44 @@ import torchmetrics
 from omegaconf import DictConfig
 from torch import nn
 
+from bench.feedback.noise import SharedNoise
 from bench.feedback.points import PointTap
+from bench.metrics.classification import macro_scores
 from bench.options import AlgorithmOptions, declared
 from bench.registry import Registry
 
 RULES: Registry = Registry("algorithm")
+
+# Checkpoint keys under which rules wrote their noise stream before the registry existed
+# (checkpoint["noise_streams"]): old run folders resume through them. (key path, stream name).
+LEGACY_NOISE_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("noise_generator",), "bp_noise"),         # bp_noise (sign_feedback.py)
+    (("tp_noise_generator",), "tp_noise"),      # the target-propagation rules (target_prop.py)
+    (("eprop_sign_generator",), "ep_sign"),     # ep's random β sign (equilibrium.py)
+    (("mirror", "generator"), "mirror"),        # wm's mirror phase (feedback_learning.py)
+)
+
+
+@dataclass(frozen=True)
+class ProbeStep:
+    """A training step as the alignment probe replays it: the batch and the RNG state the rule's
+    forward started from (CPU, and the batch's CUDA device when it is on one), so the backprop
+    pass draws the same dropout masks."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    cpu_rng: torch.Tensor
+    cuda_rng: torch.Tensor | None
+
+    @contextmanager
+    def replayed_rng(self):
+        """Run the body from this step's RNG state; the global RNG is left as it was."""
+        device = self.x.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, device)
+            yield
 
 
 class AlgorithmModule(L.LightningModule):
@@ -48,7 +82,9 @@ class AlgorithmModule(L.LightningModule):
         self.probe_signals = bool(cfg.probe.signals)
         self.guard_every = int(cfg.guard.every)
         self.max_grad_norm = self.opts.max_grad_norm
-        self._probe_due = False
+        self._probe_requested = False
+        self._probe_step: ProbeStep | None = None
+        self.noise_streams: dict[str, SharedNoise] = {}  # add_noise_stream; checkpointed here
         self.probe_seconds = 0.0  # written by the alignment probe, read by the epoch timer
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
         self.metrics = nn.ModuleDict({f"{s}_m": self._split_metrics(s) for s in ("val", "test", "train_eval")})
@@ -80,6 +116,15 @@ class AlgorithmModule(L.LightningModule):
 
     def after_step(self) -> None:
         """Hook after ``optimizer.step()`` (e.g. weight constraints)."""
+
+    def add_noise_stream(self, name: str, stream: SharedNoise) -> SharedNoise:
+        """Register a rule's own random stream (bench/feedback/noise.py) under ``name``; its state is
+        saved in and restored from the checkpoint by this class, so a resumed run continues it.
+        Returns ``stream``."""
+        if name in self.noise_streams:
+            raise ValueError(f"noise stream {name!r} is already registered")
+        self.noise_streams[name] = stream
+        return stream
 
     def feedback_weight_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{layer: (W, B)} for rules with a per-layer feedback tensor; the probe reports ∠(W, B)."""
@@ -186,17 +231,33 @@ class AlgorithmModule(L.LightningModule):
             raise AssertionError(a.scheduler)
         return {"optimizer": opt, "lr_scheduler": sched}
 
+    # ------------------------------------------------------------------ alignment probe
+    # The probe (bench/callbacks/probe.py) and the rule talk through probe_requested and
+    # probe_step(): the rule decides and prepares, the probe measures at on_before_optimizer_step.
     def probe_due(self) -> bool:
+        """Whether the probe schedule (``probe.every``) falls on the current global step."""
         return self.probe_every > 0 and self.global_step % self.probe_every == 0
+
+    @property
+    def probe_requested(self) -> bool:
+        """True while the current training step is one the probe is to measure (its objective ran
+        through :meth:`probed_objective`); set at the start of every training step."""
+        return self._probe_requested
+
+    def probe_step(self) -> ProbeStep:
+        """The batch and RNG state of the last step run through :meth:`probed_objective`."""
+        if self._probe_step is None:
+            raise RuntimeError("no probed step: probe_step() is valid after probed_objective()")
+        return self._probe_step
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         opt = self.optimizers()
-        self._probe_due = self.probe_due()
+        self._probe_requested = self.probe_due()
         opt.zero_grad(set_to_none=True)
-        surrogate, logits, loss = self.probed_objective(x, y) if self._probe_due else self.objective(x, y)
+        surrogate, logits, loss = self.probed_objective(x, y) if self._probe_requested else self.objective(x, y)
         self.manual_backward(surrogate)
-        if self.tap is not None and not self._probe_due:
+        if self.tap is not None and not self._probe_requested:
             self.tap.clear()  # drop references to this step's activations; the probe clears its own
         self.after_backward()
         if self.max_grad_norm is not None:
@@ -213,8 +274,7 @@ class AlgorithmModule(L.LightningModule):
         """:meth:`objective` on a step the alignment probe will measure: remember the batch and RNG
         state (the probe replays this exact step, dropout masks included, in BP mode) and keep the
         teaching signal δh_i that the backward will leave on each feedback point."""
-        self._probe_batch = (x, y)
-        self._probe_rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if x.is_cuda else None)
+        self._probe_step = ProbeStep(x, y, torch.get_rng_state(), torch.cuda.get_rng_state() if x.is_cuda else None)
         capture = self.tap is not None and self.probe_signals
         if capture:
             self.tap.clear()
@@ -251,6 +311,9 @@ class AlgorithmModule(L.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                              "status": self.status}
+        # The rule's own streams (noise injection, weight mirrors, EP's β sign), by name.
+        if self.noise_streams:
+            checkpoint["noise_streams"] = {name: s.state() for name, s in self.noise_streams.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("rng")
@@ -258,6 +321,18 @@ class AlgorithmModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        saved = checkpoint.get("noise_streams")
+        if saved is None:  # written before the registry: each rule's own key (LEGACY_NOISE_KEYS)
+            saved = {}
+            for path, name in LEGACY_NOISE_KEYS:
+                value = checkpoint
+                for part in path:
+                    value = value.get(part) if isinstance(value, dict) else None
+                if value is not None:
+                    saved[name] = value
+        # A stream missing from the checkpoint starts again from its seed, as it did before.
+        for name, stream in self.noise_streams.items():
+            stream.load(saved.get(name))
 
     # ------------------------------------------------------------------ evaluation
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,21 +363,6 @@ class AlgorithmModule(L.LightningModule):
         self._log_split("test")
         if self.metrics["train_eval_m"]["acc1"].update_count:
             self._log_split("train_eval", "final_train")
-
-
-def macro_scores(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Macro-averaged precision, recall and F1 in % from a confusion matrix (rows: true class,
-    columns: predicted), as rlra Table 5 (middle) reports them. Classes that never occur and are
-    never predicted are left out of the average; a class with no predictions has precision 0."""
-    cm = confmat.double()
-    tp, predicted, actual = cm.diagonal(), cm.sum(0), cm.sum(1)
-    present = (predicted + actual) > 0
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
-                     torch.zeros_like(tp))
-    return {name: 100.0 * v[present].mean().float() for name, v in
-            (("precision", precision), ("recall", recall), ("f1", f1))}
 
 
 @torch.no_grad()

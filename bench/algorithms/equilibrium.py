@@ -148,7 +148,7 @@ class EquilibriumPropagation(AlgorithmModule):
         # Not the global RNG: its state after Lightning's setup differs between a DDP run and a
         # single-process one (tests/test_ddp.py failed with it), and a resumed run must continue
         # the stream (bench/feedback/noise.py).
-        self.sign_stream = SharedNoise(int(self.cfg.seed) + self.SIGN_SEED_OFFSET)
+        self.sign_stream = self.add_noise_stream("ep_sign", SharedNoise(int(self.cfg.seed) + self.SIGN_SEED_OFFSET))
 
     # ------------------------------------------------------------------ energy model
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,15 +221,6 @@ class EquilibriumPropagation(AlgorithmModule):
             return self.beta
         heads = bool(torch.randint(0, 2, (), generator=self.sign_stream.generator(torch.device("cpu"))))
         return self.beta if heads else -self.beta
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.sign_stream.state() is not None:
-            checkpoint["eprop_sign_generator"] = self.sign_stream.state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.sign_stream.load(checkpoint.get("eprop_sign_generator"))
 
     def phases(self, x: torch.Tensor, y: torch.Tensor, beta: float):
         """(s⁰, s^β): the free fixed point and the nudged one reached from it (no graph)."""

@@ -109,7 +109,7 @@ class WeightMirrors(_LearnedFeedback):
         a: WMOptions = self.opts
         self.mirror_every, self.mirror_batch = a.mirror_every, a.mirror_batch
         self.mirror_rate, self.mirror_size = a.mirror_rate, a.mirror_size
-        self.mirror_noise = SharedNoise(int(self.cfg.seed) + self.MIRROR_SEED_OFFSET)
+        self.mirror_noise = self.add_noise_stream("mirror", SharedNoise(int(self.cfg.seed) + self.MIRROR_SEED_OFFSET))
         self._mirror_steps = 0
 
     @torch.no_grad()
@@ -137,13 +137,11 @@ class WeightMirrors(_LearnedFeedback):
         if self.mirror_every > 0 and self._mirror_steps % self.mirror_every == 0:
             self.mirror()
 
+    # The mirror stream is checkpointed by the base class (add_noise_stream); the phase counter here.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["mirror"] = {"steps": self._mirror_steps,
-                                "generator": self.mirror_noise.state()}
+        checkpoint["mirror"] = {"steps": self._mirror_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("mirror") or {}
-        self._mirror_steps = int(state.get("steps", 0))
-        self.mirror_noise.load(state.get("generator"))
+        self._mirror_steps = int((checkpoint.get("mirror") or {}).get("steps", 0))

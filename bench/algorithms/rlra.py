@@ -673,14 +673,6 @@ class _Deliver(torch.autograd.Function):
         return (None, *grads)
 
 
-def error_synapse_memory(cfg, input_shape, num_classes: int) -> dict[str, int]:
-    """Error-synapse bytes of rule ``cfg.algorithm.name`` (rlra / lra_e) on model ``cfg.model``."""
-    from bench.models import create_model
-
-    model = create_model(cfg.model, tuple(input_shape), num_classes)
-    return RULES.get(str(cfg.algorithm.name))(cfg, model, num_classes, tuple(input_shape)).error_synapse_memory()
-
-
 @RULES.register("lra_e")
 class LRAE(RecursiveLRA):
     """LRA-E (Ororbia & Mali 2019): pairwise error synapses E_{ℓ+1→ℓ} only, no skip wiring.

@@ -244,7 +244,7 @@ class BackpropNoise(WeightConstraints, Backprop):
     def setup_rule(self) -> None:
         super().setup_rule()
         self.noise_scale = self.opts.noise_scale
-        self.noise = SharedNoise(int(self.cfg.seed) + self.NOISE_SEED_OFFSET)
+        self.noise = self.add_noise_stream("bp_noise", SharedNoise(int(self.cfg.seed) + self.NOISE_SEED_OFFSET))
         self.setup_weight_options()
 
     @torch.no_grad()
@@ -257,15 +257,6 @@ class BackpropNoise(WeightConstraints, Backprop):
                 noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=torch.float32)
                 g.add_((noise * (self.noise_scale * std)).to(g.dtype))
         super().on_after_backward()  # Manhattan (if on) acts on the noisy update
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.noise.state() is not None:
-            checkpoint["noise_generator"] = self.noise.state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.noise.load(checkpoint.get("noise_generator"))
 
 
 @RULES.register("bp_align")

@@ -140,7 +140,7 @@ class DifferenceTargetProp(AlgorithmModule):
                 init_linear(lin, init, float(a.inverse_sigma))
                 inverses[str(l)] = nn.Sequential(lin, make_activation(act, slope))
         self.inverses = nn.ModuleDict(inverses)
-        self.noise = SharedNoise(int(self.cfg.seed) + self.NOISE_SEED_OFFSET)
+        self.noise = self.add_noise_stream("tp_noise", SharedNoise(int(self.cfg.seed) + self.NOISE_SEED_OFFSET))
         self.points = [s.act_name for s in self.stages[:-1]]
         self._stateful_norms = any(len(list(n.buffers())) for s in self.stages for n in s.norms)
 
@@ -252,16 +252,6 @@ class DifferenceTargetProp(AlgorithmModule):
     def true_gradient(self):
         # Nothing to switch off: the rule never alters the model, so model(x) is plain backprop.
         yield
-
-    # ------------------------------------------------------------------ resume
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.noise.state() is not None:
-            checkpoint["tp_noise_generator"] = self.noise.state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.noise.load(checkpoint.get("tp_noise_generator"))
 
 
 @RULES.register("tp")

@@ -16,19 +16,19 @@ Logged per probe to every logger, kept per probe in ``probe.csv`` and as epoch m
   align/wb/<layer>          ∠(W, B) for rules with a per-layer feedback tensor
 With ``probe.sign_flips`` on, every probe and every epoch end also records the cumulative
 fraction of weights that changed sign since initialisation (sfa Fig. 5;
-:mod:`bench.callbacks.sign_flips`): ``signs/flipped/<layer>`` and ``signs/flipped_all``. They
+:mod:`bench.metrics.sign_flips`): ``signs/flipped/<layer>`` and ``signs/flipped_all``. They
 are cumulative, so their ``metrics.csv`` value is the epoch's last, not its mean.
 """
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
-from lightning.pytorch.callbacks import Callback
 
-from bench.callbacks.sign_flips import SignFlips
+from bench.callbacks.sign_flips import SignFlipTracking
 from bench.metrics.alignment import angle_deg, norm_ratio, per_sample_angles_deg
+from bench.metrics.gradients import layer_weights, loss_gradients
 
 
 @contextmanager
@@ -61,47 +61,33 @@ def batch_mean_std(trainer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean, var.clamp_min(0.0).sqrt()
 
 
-class AlignmentProbe(Callback):
+class AlignmentProbe(SignFlipTracking):
+    """Measures a step the rule prepared for it: the rule's public side is
+    :attr:`~bench.algorithms.base.AlgorithmModule.probe_requested` (this step is one to measure)
+    and :meth:`~bench.algorithms.base.AlgorithmModule.probe_step` (its batch and RNG state)."""
+
     def __init__(self):
+        super().__init__()
         self.records: list[dict] = []
-        self.sign_flips: SignFlips | None = None
-        self._sign_state: dict | None = None  # from a checkpoint, applied once the tracker exists
 
     def state_dict(self):
-        state = {"records": self.records}
-        if self.sign_flips is not None:
-            state["sign_flips"] = self.sign_flips.state_dict()
-        return state
+        return {"records": self.records, **self.sign_flip_state()}
 
     def load_state_dict(self, state):
         self.records = list(state.get("records", []))
-        self._sign_state = state.get("sign_flips")
+        self.load_sign_flip_state(state)
 
-    def on_train_start(self, trainer, pl_module):
-        # After any checkpoint restore (some strategies restore after on_fit_start): a fresh run
-        # takes the signs of the initial weights, a resumed one the checkpoint's masks.
-        if not bool(pl_module.cfg.probe.get("sign_flips", False)) or self.sign_flips is not None:
-            return
-        self.sign_flips = SignFlips(self.weights(pl_module))
-        if self._sign_state is not None:
-            self.sign_flips.load_state_dict(self._sign_state)
-            self._sign_state = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.sign_flips is not None:  # after the step and the rule's constraints (E/I, Const)
-            self.sign_flips.update()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if self.sign_flips is None:
-            return
-        values = self.sign_flips.fractions()
+    def record(self, trainer, pl_module, values: dict[str, float]) -> None:
+        """Log one row to every logger (rank 0) and keep it for ``probe.csv`` and the epoch means."""
+        # Straight to the loggers: self.log's epoch aggregation costs per key per call (architecture decision 5),
+        # which at ~30 keys was most of the probe's time. Epoch means come from epoch_means().
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=int(pl_module.global_step))
         self.records.append({"step": int(pl_module.global_step), "epoch": int(trainer.current_epoch), **values})
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if not getattr(pl_module, "_probe_due", False):
+        if not pl_module.probe_requested:
             return
         device = pl_module.device
         _sync(device)
@@ -109,12 +95,7 @@ class AlignmentProbe(Callback):
         values = self.measure(trainer, pl_module)
         if self.sign_flips is not None:
             values.update(self.sign_flips.fractions())
-        # Straight to the loggers: self.log's epoch aggregation costs ~1 ms per key per call,
-        # which at ~30 keys was most of the probe's time. Epoch means come from epoch_means().
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(values, step=int(pl_module.global_step))
-        self.records.append({"step": int(pl_module.global_step), "epoch": int(trainer.current_epoch), **values})
+        self.record(trainer, pl_module, values)
         _sync(device)
         pl_module.probe_seconds += time.perf_counter() - start
 
@@ -131,31 +112,17 @@ class AlignmentProbe(Callback):
     @staticmethod
     def weights(pl_module) -> list[tuple[str, torch.nn.Parameter]]:
         """Layer weights (matrices and kernels); biases and norm scales are left out of the report."""
-        return [(n, p) for n, p in pl_module.model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        return layer_weights(pl_module.model)
 
     def measure(self, trainer, pl_module) -> dict[str, float]:
-        x, y = pl_module._probe_batch
+        step = pl_module.probe_step()
+        x, y = step.x, step.y
         tap = pl_module.tap
         named = self.weights(pl_module)
         rule_grads = [p.grad for _, p in named]
         rule_signals = [h.grad for h in tap.outputs] if (tap is not None and tap.outputs) else []
-        model = pl_module.model
-        cpu_state, cuda_state = pl_module._probe_rng
-        with torch.random.fork_rng(devices=[device] if (device := x.device).type == "cuda" else []):
-            torch.set_rng_state(cpu_state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state(cuda_state, device)
-            with preserved_buffers(model), pl_module.true_gradient():
-                if tap is not None:
-                    tap.clear()
-                with (tap.settings(capture=True) if tap is not None else nullcontext()):
-                    logits = model(x)
-                points = list(tap.outputs) if tap is not None else []
-                loss = pl_module.loss_fn(logits, y)
-                grads = torch.autograd.grad(loss, [p for _, p in named] + points, allow_unused=True)
-        if tap is not None:
-            tap.clear()
-        bp_grads, bp_signals = grads[: len(named)], grads[len(named):]
+        with step.replayed_rng(), preserved_buffers(pl_module.model):
+            bp_grads, bp_signals = loss_gradients(pl_module, x, y, [p for _, p in named], true=True)
         if trainer.world_size > 1:  # the rule's .grad is already averaged over ranks
             bp_grads = [trainer.strategy.reduce(g, reduce_op="mean") if g is not None else None for g in bp_grads]
 

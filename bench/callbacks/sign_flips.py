@@ -1,64 +1,55 @@
-"""Cumulative sign flips of the forward weights since initialisation (sfa §5.5, Figure 5).
-
-sfa Figure 5 (bottom) plots "the proportion of weights that had changed signs since
-initialization": a weight counts from the first step at which its sign differs from its sign at
-initialisation and keeps counting if it later flips back (a *cumulative* fraction). The sign test
-is ``w > 0``: E/I clips frozen weights to ±ε, never to 0, so a weight at exactly 0 only occurs
-by chance and is read as negative.
+"""The callback side of sign-flip tracking (sfa §5.5, Figure 5); the measure itself is
+:class:`bench.metrics.sign_flips.SignFlips`.
 
 The check runs after every optimizer step (after the rule's own constraints, E/I and Const), so
 no flip between two probes is missed; it costs one compare per weight per step, so it is off
-unless ``probe.sign_flips`` is true. :class:`bench.callbacks.probe.AlignmentProbe` owns the
-tracker: it records the fractions with every probe and at every epoch end, in ``probe.csv`` as
-
-  signs/flipped/<layer>   fraction of that layer's weights flipped at least once since init
-  signs/flipped_all       the same over all weights (matrices and kernels) of the model
-
-and checkpoints the masks, so a resumed run keeps counting from where it stopped.
+unless ``probe.sign_flips`` is true. :class:`SignFlipTracking` holds the Lightning hooks that
+drive the tracker; :class:`bench.callbacks.probe.AlignmentProbe` is one, so the fractions are
+recorded with every probe and at every epoch end, in ``probe.csv`` as ``signs/flipped/<layer>``
+and ``signs/flipped_all``, and the masks travel in the probe's checkpoint state, so a resumed
+run keeps counting from where it stopped.
 """
 from __future__ import annotations
 
-import torch
+from lightning.pytorch.callbacks import Callback
 
-PREFIX = "signs/flipped/"
-TOTAL = "signs/flipped_all"
+from bench.metrics.gradients import layer_weights
+from bench.metrics.sign_flips import SignFlips
 
 
-class SignFlips:
-    """Ever-flipped masks of a list of named weights, against their signs when constructed."""
+class SignFlipTracking(Callback):
+    """Builds a :class:`SignFlips` tracker at train start (when ``probe.sign_flips`` is on),
+    updates it after every training batch and hands its fractions to :meth:`record` at every
+    epoch end. Subclasses say where a record goes."""
 
-    def __init__(self, named_weights: list[tuple[str, torch.Tensor]]):
-        self.names = [name.removesuffix(".weight") for name, _ in named_weights]
-        self.weights = [w for _, w in named_weights]
-        self.positive0 = [w.detach() > 0 for w in self.weights]
-        self.flipped = [torch.zeros_like(p) for p in self.positive0]
-        self._scratch = [torch.empty_like(p) for p in self.positive0]
-        self.total = sum(w.numel() for w in self.weights)
+    def __init__(self):
+        self.sign_flips: SignFlips | None = None
+        self._sign_state: dict | None = None  # from a checkpoint, applied once the tracker exists
 
-    @torch.no_grad()
-    def update(self) -> None:
-        """Mark every weight whose sign now differs from its initial sign (three in-place ops)."""
-        for w, pos0, flipped, scratch in zip(self.weights, self.positive0, self.flipped, self._scratch):
-            torch.gt(w, 0, out=scratch)
-            scratch.ne_(pos0)
-            flipped.logical_or_(scratch)
+    def record(self, trainer, pl_module, values: dict[str, float]) -> None:
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def fractions(self) -> dict[str, float]:
-        """{signs/flipped/<layer>: fraction, signs/flipped_all: fraction} with one host transfer."""
-        if not self.weights:
-            return {}
-        counts = torch.stack([f.sum() for f in self.flipped]).double()
-        sizes = torch.tensor([f.numel() for f in self.flipped], dtype=torch.float64, device=counts.device)
-        values = torch.cat([counts / sizes, (counts.sum() / self.total).reshape(1)]).tolist()
-        return {**{f"{PREFIX}{name}": v for name, v in zip(self.names, values)}, TOTAL: values[-1]}
+    def sign_flip_state(self) -> dict:
+        """The tracker's part of the callback's checkpoint state ({} when tracking is off)."""
+        return {"sign_flips": self.sign_flips.state_dict()} if self.sign_flips is not None else {}
 
-    def state_dict(self) -> dict:
-        return {"names": list(self.names), "positive0": [p.cpu() for p in self.positive0],
-                "flipped": [f.cpu() for f in self.flipped]}
+    def load_sign_flip_state(self, state: dict) -> None:
+        self._sign_state = state.get("sign_flips")
 
-    def load_state_dict(self, state: dict) -> None:
-        if list(state["names"]) != self.names:
-            raise ValueError(f"sign-flip state is for layers {state['names']}, this model has {self.names}")
-        for mine, saved in zip(self.positive0 + self.flipped, list(state["positive0"]) + list(state["flipped"])):
-            mine.copy_(saved)
+    def on_train_start(self, trainer, pl_module):
+        # After any checkpoint restore (some strategies restore after on_fit_start): a fresh run
+        # takes the signs of the initial weights, a resumed one the checkpoint's masks.
+        if not bool(pl_module.cfg.probe.get("sign_flips", False)) or self.sign_flips is not None:
+            return
+        self.sign_flips = SignFlips(layer_weights(pl_module.model))
+        if self._sign_state is not None:
+            self.sign_flips.load_state_dict(self._sign_state)
+            self._sign_state = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.sign_flips is not None:  # after the step and the rule's constraints (E/I, Const)
+            self.sign_flips.update()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.sign_flips is not None:
+            self.record(trainer, pl_module, self.sign_flips.fractions())

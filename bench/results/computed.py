@@ -66,35 +66,11 @@ def build_rule(cfg: DictConfig):
     return module
 
 
-def first_layer_ratios(module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(‖∂J/∂W¹‖_BP / ‖ΔW¹‖_rule, ‖∂J/∂x¹‖_BP / ‖δx¹‖_rule) on one batch (sfa Eq. 8, Figure 2).
-
-    W¹ is the model's first weight matrix and x¹ its first feedback point (the first hidden
-    layer's output). The rule's pass is its ordinary backward (for FA: through the converted
-    layers' B); the BP pass is the same forward inside the rule's ``true_gradient()`` (Wᵀ)."""
-    from bench.callbacks.probe import AlignmentProbe
-
-    weight = AlignmentProbe.weights(module)[0][1]
-    tap = module.tap
-
-    def grads() -> tuple[torch.Tensor, torch.Tensor]:
-        tap.clear()
-        with tap.settings(capture=True):
-            logits = module.model(x)
-        h1 = tap.outputs[0]
-        tap.clear()
-        return torch.autograd.grad(module.loss_fn(logits, y), [weight, h1])
-
-    rule_w, rule_h = grads()
-    with module.true_gradient():
-        bp_w, bp_h = grads()
-    return float(bp_w.norm() / rule_w.norm()), float(bp_h.norm() / rule_h.norm())
-
-
 @COMPUTED.register("gradient_ratio")
 def gradient_ratio_table(table: DictConfig, budget: str = "full") -> list[dict]:
     """sfa Figure 2: ‖∇_BP‖ / ‖∇_FA‖ at the first layer of a network at initialisation, per row
-    (a depth) and column (an initialisation of W and B), from :func:`first_layer_ratios`.
+    (a depth) and column (an initialisation of W and B), from
+    :func:`bench.metrics.gradients.first_layer_ratios`.
 
     Each cell's run config is composed like a trained cell's (common → row → column → budget,
     validated), so the model is the zoo's and the feedback the rule's own. Draws: the budget's
@@ -116,6 +92,7 @@ def gradient_ratio_table(table: DictConfig, budget: str = "full") -> list[dict]:
 def _gradient_ratio_cell(table: DictConfig, budget: str, row: str, column: str) -> list[dict]:
     from bench.config import compose, table_budget
     from bench.data.synthetic import make_synthetic
+    from bench.metrics.gradients import first_layer_ratios
 
     _, scalars = table_budget(table, budget, table.rows[row])
     cfg = compose(table.id, row, column, budget)

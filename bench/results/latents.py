@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench.config import run_name
+from bench.metrics.separation import separation_scores
 
 
 def top_layer(model: nn.Module) -> nn.Linear:
@@ -72,18 +73,6 @@ def load_trained(run_dir: Path):
     state = load_checkpoint(run_dir / "last.ckpt")["state_dict"]  # weights_only: a checkpoint never runs code
     module.load_state_dict(state, strict=False)
     return module, dm
-
-
-def separation_scores(latents: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
-    """Silhouette (by true class, Euclidean, in [−1, 1]) and k-NN accuracy (%) in the latent space."""
-    from sklearn.metrics import silhouette_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    half = len(labels) // 2
-    knn = KNeighborsClassifier(n_neighbors=k).fit(latents[:half], labels[:half])
-    scores = {"knn_acc": 100.0 * float(knn.score(latents[half:], labels[half:]))}
-    scores["silhouette"] = float(silhouette_score(latents, labels)) if len(set(labels.tolist())) > 1 else float("nan")
-    return scores
 
 
 def tsne(latents: np.ndarray, perplexity: float, iterations: int, seed: int) -> np.ndarray:
