@@ -6,10 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUDGET ?= smoke
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
-FORTUNES_DIR := /usr/share/games/fortunes
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup data test test-slow perf regress baseline readme gpu-check
+.PHONY: help setup data test test-slow perf regress baseline readme
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -31,12 +30,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-data: ## install the embedded datasets (Debian packages dataset-fashion-mnist, and fortunes: the English text corpus)
-	@if [ -d $(FORTUNES_DIR) ]; then :; \
-	elif command -v apt-get >/dev/null 2>&1; then \
-	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq fortunes >/dev/null) \
-	  || echo "warning: could not install fortunes; the embedded text corpus (data.name=fortunes) will be unavailable"; \
-	fi
+data: ## install the embedded default dataset (Debian package dataset-fashion-mnist)
 	@if [ -d $(FMNIST_DIR) ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null \
@@ -54,9 +48,6 @@ test-slow: setup ## run the slow tests too
 
 reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET), PARALLEL at a time (default 2), render results/<id>[.<budget>].md
 	$(PY) -m bench sweep $* --local --budget $(BUDGET) --parallel $(or $(PARALLEL),2)
-
-gpu-check: setup ## on a CUDA machine: every rule family on the GPU (fp32, bf16-mixed), perf ratios, DFA memory → results/perf/gpu.csv
-	$(PY) -m bench.run.gpu_check --out results/perf/gpu.csv
 
 perf: setup ## speed ratios against backprop, written to results/perf/cpu.csv
 	$(PY) -m bench perf --out results/perf/cpu.csv

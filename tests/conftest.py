@@ -108,3 +108,20 @@ def tanh_mlp_backprop(z: list, weights: list, out_grad):
     gz1 = g2 @ weights[1]
     g1 = gz1 * (1 - z[1] ** 2)
     return {1: g1.T @ z[0], 2: g2.T @ z[1], 3: out_grad.T @ z[2]}, {1: gz1, 2: gz2}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The rule × model support matrix that tests/test_all_rules.py discovered, when it ran."""
+    generated = sys.modules.get("test_all_rules")
+    found = getattr(generated, "DISCOVERED", None)
+    if not found:
+        return
+    terminalreporter.section("rule × model support (discovered)")
+    models = sorted({m for _, m in found})
+    terminalreporter.write_line("rule       " + " ".join(f"{m[:13]:>13}" for m in models))
+    for rule in sorted({r for r, _ in found}):
+        cells = [found.get((rule, m), "—") for m in models]
+        terminalreporter.write_line(f"{rule:10} " + " ".join(f"{c.split(':')[0]:>13}" for c in cells))
+    for (rule, model), verdict in sorted(found.items()):
+        if verdict.startswith("refuses"):
+            terminalreporter.write_line(f"{rule} on {model}: {verdict}")

@@ -1,5 +1,8 @@
-"""Direct-projection family (dfa paper, DRTP): hand-computed updates, memory, slicing, bottleneck."""
+"""Direct-projection family (bench/algorithms/direct_feedback.py: DFA, sign-DFA, DRTP):
+hand-computed updates, memory, slicing, bottleneck, the cut at every feedback point."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,10 +11,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from bench.algorithms import RULES
+from bench.algorithms.direct_feedback import DirectFeedbackAlignment
 from bench.config import compose
 from bench.feedback.direct import DirectFeedback, feedback_memory
 from bench.models import create_model
 from bench.models.base import ZooModel
+from conftest import fixed
 
 
 def build(rule: str, *overrides: str, model: nn.Module | None = None, shape=(6,), classes=3):
@@ -282,3 +287,124 @@ def test_transformer_feedback_points_and_one_dfa_step():
         moved = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
         assert sorted(moved) == sorted(before), set(before) - set(moved)
         assert torch.isfinite(module.objective(x, y)[2])
+
+
+# ----------------------------------------------------------------------------- DFA by hand on the zoo MLP
+
+def dfa_module(small_cfg, *overrides):
+    cfg = small_cfg("algorithm.name=dfa", "data.shape=[6]", "data.num_classes=3", "model.depth=2",
+                    "model.width=5", *overrides)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, (6,), 3)
+    module = DirectFeedbackAlignment(cfg, model, 3, (6,))
+    return module
+
+
+def dfa_batch():
+    x = fixed(4, 6, scale=1.0, offset=0.3)
+    y = torch.tensor([0, 2, 1, 2])
+    return x, y
+
+
+def test_dfa_update_matches_hand_computation(small_cfg):
+    module = dfa_module(small_cfg)
+    net = module.model.net
+    linears = [net[1], net[3], net[5]]  # Flatten, Linear, Tanh, Linear, Tanh, Linear
+    assert module.tap.names == ["net.2", "net.4"]
+    x, y = dfa_batch()
+    surrogate, logits, loss = module.objective(x, y)
+    surrogate.backward()
+
+    with torch.no_grad():
+        W = [l.weight.detach().clone() for l in linears]
+        b = [l.bias.detach().clone() for l in linears]
+        h0 = x
+        h1 = torch.tanh(h0 @ W[0].T + b[0])
+        h2 = torch.tanh(h1 @ W[1].T + b[1])
+        out = h2 @ W[2].T + b[2]
+        e = (torch.softmax(out, 1) - F.one_hot(y, 3).float()) / x.shape[0]
+        B1, B2 = module.feedback.matrix_for(0), module.feedback.matrix_for(1)
+        da1 = (e @ B1.T) * (1 - h1 ** 2)   # (B_1 e) ⊙ f′(a_1)
+        da2 = (e @ B2.T) * (1 - h2 ** 2)
+        expected = [(da1.T @ h0, da1.sum(0)), (da2.T @ h1, da2.sum(0)), (e.T @ h2, e.sum(0))]
+    assert torch.allclose(logits, out, atol=1e-6)
+    assert torch.allclose(loss, F.cross_entropy(out, y), atol=1e-6)
+    for i, (layer, (gw, gb)) in enumerate(zip(linears, expected)):
+        assert torch.allclose(layer.weight.grad, gw, atol=1e-6), f"layer {i}"
+        assert torch.allclose(layer.bias.grad, gb, atol=1e-6), f"layer {i}"
+    # the hidden updates are not backprop's
+    bp_da2 = (e @ W[2]) * (1 - h2 ** 2)
+    assert not torch.allclose(linears[1].weight.grad, bp_da2.T @ h1, atol=1e-4)
+
+
+def test_dfa_unified_matrix_memory_and_slice_normalisation(small_cfg):
+    module = dfa_module(small_cfg)
+    mem = module.feedback.memory()
+    assert mem == {"stored": 5 * 3, "naive": (5 + 5) * 3, "unified": 5 * 3}
+
+    sizes, e = [7, 3, 5], 4
+    fb = DirectFeedback(sizes, e, unified=True, normalize=True, seed=3)
+    l_max = max(sizes)
+    assert fb.matrix.shape == (l_max, e)
+    assert fb.memory() == {"stored": l_max * e, "naive": sum(sizes) * e, "unified": l_max * e}
+    assert sum(b.numel() for b in fb.buffers()) == l_max * e
+    U = fb.matrix
+    err = fixed(2, e, scale=1.0)
+    for i, l in enumerate(sizes):
+        B_i = fb.matrix_for(i)
+        # Launay Eq. 7–8: B = U/√(l_max·e), B_i = √(l_max/l_i)·B[:l_i]
+        expected = U[:l] * math.sqrt(l_max / l) / math.sqrt(l_max * e)
+        assert torch.allclose(B_i, expected, rtol=1e-6, atol=0)
+        assert torch.allclose(B_i, U[:l] / math.sqrt(l * e), rtol=1e-6, atol=0)
+        signal, scale = fb.project(err)[i]
+        assert torch.allclose(scale * signal, err @ B_i.T, atol=1e-6)
+    # the raw matrix is N(0, 1) (Eq. 7): with 28 draws its std is within a loose band of 1
+    assert 0.5 < float(U.std()) < 1.6
+
+    naive = DirectFeedback(sizes, e, unified=False, normalize=True, seed=3)
+    assert naive.memory()["stored"] == sum(sizes) * e
+    raw = DirectFeedback(sizes, e, unified=True, normalize=False, seed=3)
+    assert torch.equal(raw.matrix_for(0), raw.matrix[:7])
+
+
+def test_dfa_no_gradient_crosses_a_feedback_point(small_cfg):
+    module = dfa_module(small_cfg)
+    net = module.model.net
+    seen_inputs = []
+    handle = net[3].register_forward_pre_hook(lambda m, args: seen_inputs.append(args[0]))
+    x, y = dfa_batch()
+    x = x.clone().requires_grad_(True)
+    surrogate, logits, _ = module.objective(x, y)
+    handle.remove()
+    h1, h2 = module.tap.outputs
+    arriving = {}
+    h1.register_hook(lambda g: arriving.__setitem__("h1", g))
+    h2.register_hook(lambda g: arriving.__setitem__("h2", g))
+    surrogate.backward()
+
+    # The next layer reads a detached copy: the graph is cut at the point.
+    assert len(seen_inputs) == 1 and not seen_inputs[0].requires_grad
+    with torch.no_grad():
+        e = (torch.softmax(logits, 1) - F.one_hot(y, 3).float()) / x.shape[0]
+        s1, s2 = e @ module.feedback.matrix_for(0).T, e @ module.feedback.matrix_for(1).T
+    # Exactly the projected signal arrives at each point; nothing comes from downstream.
+    assert torch.allclose(arriving["h1"], s1, atol=1e-7)
+    assert torch.allclose(arriving["h2"], s2, atol=1e-7)
+    # The first layer's update (and x.grad) is a function of W_1, x and s_1 alone: no term from
+    # W_2 or W_3 reaches it.
+    g_first = net[1].weight.grad.clone()
+    with torch.no_grad():
+        a1 = x.detach() @ net[1].weight.T + net[1].bias
+        da1 = s1 * (1 - torch.tanh(a1) ** 2)
+    assert torch.allclose(g_first, da1.T @ x.detach(), atol=1e-6)
+    assert torch.allclose(x.grad, da1 @ net[1].weight.detach(), atol=1e-6)
+
+    # Under true_gradient() the cut is gone and h1 receives backprop's signal instead.
+    with module.true_gradient():
+        module.tap.clear()
+        with module.tap.settings(capture=True):
+            out = module.model(x.detach())
+        h1_bp = module.tap.outputs[0]
+        g_bp = torch.autograd.grad(F.cross_entropy(out, y), h1_bp)[0]
+        module.tap.clear()
+    assert not torch.allclose(g_bp, s1, atol=1e-4)

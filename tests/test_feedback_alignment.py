@@ -1,12 +1,12 @@
-"""Rules against hand computations on tiny nets with fixed weights, the alignment probe, timm
-conversions and the divergence guard.
+"""Feedback alignment (bench/algorithms/feedback_alignment.py) against hand computations on tiny
+nets with fixed weights; the alignment probe against an independent backprop twin for every rule
+that sends the error through feedback (discovered from the registry); timm conversions.
 
 Hand computations use plain torch ops on tensors that do not require grad, never autograd, so
 they are independent of the code under test.
 """
 from __future__ import annotations
 
-import math
 import statistics
 from types import SimpleNamespace
 
@@ -16,17 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.algorithms.backprop import Backprop
-from bench.algorithms.base import AlgorithmModule
-from bench.algorithms.direct_feedback import DirectFeedbackAlignment
-from bench.algorithms.feedback_alignment import FeedbackAlignment
+from bench.algorithms import RULES
 from bench.callbacks.probe import AlignmentProbe
-from bench.feedback.direct import DirectFeedback
+from bench.config import ConfigError, compose
 from bench.feedback.replaced import FeedbackLayer, convert_to_feedback
 from bench.models import create_model
-from bench.results.io import read_csv, read_json
+from bench.results.io import read_csv
 from bench.run.train import train
-from conftest import angle, fixed, load_state, one_run_dir
+from conftest import SMALL, angle, fixed, load_state, one_run_dir
+from test_direct_feedback import dfa_batch
 
 
 # ----------------------------------------------------------------------------- 1. FA, by hand
@@ -117,150 +115,11 @@ def test_fa_conv2d_input_gradient_is_transposed_conv_with_B(stride, padding):
     assert torch.equal(net[0].weight.grad, ref.weight.grad)
 
 
-# ----------------------------------------------------------------------------- 2–3. DFA, by hand
-
-def dfa_module(small_cfg, *overrides):
-    cfg = small_cfg("algorithm.name=dfa", "data.shape=[6]", "data.num_classes=3", "model.depth=2",
-                    "model.width=5", *overrides)
-    torch.manual_seed(0)
-    model = create_model(cfg.model, (6,), 3)
-    module = DirectFeedbackAlignment(cfg, model, 3, (6,))
-    return module
-
-
-def dfa_batch():
-    x = fixed(4, 6, scale=1.0, offset=0.3)
-    y = torch.tensor([0, 2, 1, 2])
-    return x, y
-
-
-def test_dfa_update_matches_hand_computation(small_cfg):
-    module = dfa_module(small_cfg)
-    net = module.model.net
-    linears = [net[1], net[3], net[5]]  # Flatten, Linear, Tanh, Linear, Tanh, Linear
-    assert module.tap.names == ["net.2", "net.4"]
-    x, y = dfa_batch()
-    surrogate, logits, loss = module.objective(x, y)
-    surrogate.backward()
-
-    with torch.no_grad():
-        W = [l.weight.detach().clone() for l in linears]
-        b = [l.bias.detach().clone() for l in linears]
-        h0 = x
-        h1 = torch.tanh(h0 @ W[0].T + b[0])
-        h2 = torch.tanh(h1 @ W[1].T + b[1])
-        out = h2 @ W[2].T + b[2]
-        e = (torch.softmax(out, 1) - F.one_hot(y, 3).float()) / x.shape[0]
-        B1, B2 = module.feedback.matrix_for(0), module.feedback.matrix_for(1)
-        da1 = (e @ B1.T) * (1 - h1 ** 2)   # (B_1 e) ⊙ f′(a_1)
-        da2 = (e @ B2.T) * (1 - h2 ** 2)
-        expected = [(da1.T @ h0, da1.sum(0)), (da2.T @ h1, da2.sum(0)), (e.T @ h2, e.sum(0))]
-    assert torch.allclose(logits, out, atol=1e-6)
-    assert torch.allclose(loss, F.cross_entropy(out, y), atol=1e-6)
-    for i, (layer, (gw, gb)) in enumerate(zip(linears, expected)):
-        assert torch.allclose(layer.weight.grad, gw, atol=1e-6), f"layer {i}"
-        assert torch.allclose(layer.bias.grad, gb, atol=1e-6), f"layer {i}"
-    # the hidden updates are not backprop's
-    bp_da2 = (e @ W[2]) * (1 - h2 ** 2)
-    assert not torch.allclose(linears[1].weight.grad, bp_da2.T @ h1, atol=1e-4)
-
-
-def test_dfa_unified_matrix_memory_and_slice_normalisation(small_cfg):
-    module = dfa_module(small_cfg)
-    mem = module.feedback.memory()
-    assert mem == {"stored": 5 * 3, "naive": (5 + 5) * 3, "unified": 5 * 3}
-
-    sizes, e = [7, 3, 5], 4
-    fb = DirectFeedback(sizes, e, unified=True, normalize=True, seed=3)
-    l_max = max(sizes)
-    assert fb.matrix.shape == (l_max, e)
-    assert fb.memory() == {"stored": l_max * e, "naive": sum(sizes) * e, "unified": l_max * e}
-    assert sum(b.numel() for b in fb.buffers()) == l_max * e
-    U = fb.matrix
-    err = fixed(2, e, scale=1.0)
-    for i, l in enumerate(sizes):
-        B_i = fb.matrix_for(i)
-        # Launay Eq. 7–8: B = U/√(l_max·e), B_i = √(l_max/l_i)·B[:l_i]
-        expected = U[:l] * math.sqrt(l_max / l) / math.sqrt(l_max * e)
-        assert torch.allclose(B_i, expected, rtol=1e-6, atol=0)
-        assert torch.allclose(B_i, U[:l] / math.sqrt(l * e), rtol=1e-6, atol=0)
-        signal, scale = fb.project(err)[i]
-        assert torch.allclose(scale * signal, err @ B_i.T, atol=1e-6)
-    # the raw matrix is N(0, 1) (Eq. 7): with 28 draws its std is within a loose band of 1
-    assert 0.5 < float(U.std()) < 1.6
-
-    naive = DirectFeedback(sizes, e, unified=False, normalize=True, seed=3)
-    assert naive.memory()["stored"] == sum(sizes) * e
-    raw = DirectFeedback(sizes, e, unified=True, normalize=False, seed=3)
-    assert torch.equal(raw.matrix_for(0), raw.matrix[:7])
-
-
-def test_dfa_no_gradient_crosses_a_feedback_point(small_cfg):
-    module = dfa_module(small_cfg)
-    net = module.model.net
-    seen_inputs = []
-    handle = net[3].register_forward_pre_hook(lambda m, args: seen_inputs.append(args[0]))
-    x, y = dfa_batch()
-    x = x.clone().requires_grad_(True)
-    surrogate, logits, _ = module.objective(x, y)
-    handle.remove()
-    h1, h2 = module.tap.outputs
-    arriving = {}
-    h1.register_hook(lambda g: arriving.__setitem__("h1", g))
-    h2.register_hook(lambda g: arriving.__setitem__("h2", g))
-    surrogate.backward()
-
-    # The next layer reads a detached copy: the graph is cut at the point.
-    assert len(seen_inputs) == 1 and not seen_inputs[0].requires_grad
-    with torch.no_grad():
-        e = (torch.softmax(logits, 1) - F.one_hot(y, 3).float()) / x.shape[0]
-        s1, s2 = e @ module.feedback.matrix_for(0).T, e @ module.feedback.matrix_for(1).T
-    # Exactly the projected signal arrives at each point; nothing comes from downstream.
-    assert torch.allclose(arriving["h1"], s1, atol=1e-7)
-    assert torch.allclose(arriving["h2"], s2, atol=1e-7)
-    # The first layer's update (and x.grad) is a function of W_1, x and s_1 alone: no term from
-    # W_2 or W_3 reaches it.
-    g_first = net[1].weight.grad.clone()
-    with torch.no_grad():
-        a1 = x.detach() @ net[1].weight.T + net[1].bias
-        da1 = s1 * (1 - torch.tanh(a1) ** 2)
-    assert torch.allclose(g_first, da1.T @ x.detach(), atol=1e-6)
-    assert torch.allclose(x.grad, da1 @ net[1].weight.detach(), atol=1e-6)
-
-    # Under true_gradient() the cut is gone and h1 receives backprop's signal instead.
-    with module.true_gradient():
-        module.tap.clear()
-        with module.tap.settings(capture=True):
-            out = module.model(x.detach())
-        h1_bp = module.tap.outputs[0]
-        g_bp = torch.autograd.grad(F.cross_entropy(out, y), h1_bp)[0]
-        module.tap.clear()
-    assert not torch.allclose(g_bp, s1, atol=1e-4)
-
-
 # ----------------------------------------------------------------------------- 4. alignment probe
 
 def probe_rows(run_dir):
     rows = read_csv(run_dir / "probe.csv")
     return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
-
-
-def test_probe_bp_update_and_signal_angles_are_zero(small_cfg, tmp_path):
-    cfg = small_cfg("algorithm.name=bp", "probe.every=1", "trainer.max_steps=2")
-    summary = train(cfg)
-    assert summary["status"] == "finished"
-    rows = probe_rows(one_run_dir(tmp_path / "runs"))
-    assert [r["step"] for r in rows] == [0, 1]
-    for r in rows:
-        updates = {k: v for k, v in r.items() if k.startswith("align/update/")}
-        ratios = {k: v for k, v in r.items() if k.startswith("align/ratio/")}
-        signals = {k: v for k, v in r.items() if k.startswith("align/signal/")}
-        assert sorted(updates) == ["align/update/net.1", "align/update/net.3", "align/update/net.5"]
-        assert len(ratios) == 3 and sorted(signals) == ["align/signal/net.2", "align/signal/net.4"]
-        assert all(v < 1e-3 for v in updates.values()), updates
-        assert all(abs(v - 1) < 1e-4 for v in ratios.values()), ratios
-        assert all(v < 1e-3 for v in signals.values()), signals
-        assert not any(k.startswith("align/wb/") for k in r)
 
 
 def test_probe_fa_wb_angle_matches_weights_and_feedback(small_cfg, tmp_path):
@@ -282,16 +141,38 @@ def test_probe_fa_wb_angle_matches_weights_and_feedback(small_cfg, tmp_path):
     assert row["align/signal/net.4"] > 1.0               # δh reaches the last hidden layer through B
 
 
-RULE_CLASSES = {"fa": FeedbackAlignment, "dfa": DirectFeedbackAlignment}
+PROBE_MLP = ["algorithm.name={}", "data.shape=[6]", "data.num_classes=3", "model.depth=2", "model.width=5",
+             "probe.signals=true"]
+
+
+def probe_module(rule, *overrides):
+    """A rule on the 6→5→5→3 MLP (the refusal propagates)."""
+    cfg = compose(overrides=[*SMALL, *(o.format(rule) for o in PROBE_MLP), *overrides])
+    torch.manual_seed(0)
+    model = create_model(cfg.model, (6,), 3)
+    return RULES.get(rule)(cfg, model, 3, (6,))
+
+
+def sends_the_error_through_feedback(rule) -> bool:
+    """Whether a rule, built on the MLP, replaces Wᵀ in the backward: a feedback tensor per layer
+    (the FA family) or cut feedback points that receive a projection (the direct family)."""
+    try:
+        module = probe_module(rule)
+    except (ConfigError, ValueError):
+        return False
+    return bool(module.feedback_weight_pairs()) or bool(module.tap is not None and module.tap.cut)
+
+
+FEEDBACK_RULES = [r for r in RULES.names() if sends_the_error_through_feedback(r)]
+
+
+def test_feedback_rules_are_discovered_from_the_registry():
+    assert {"fa", "dfa", "kp", "usf_sn"} <= set(FEEDBACK_RULES) and "bp" not in FEEDBACK_RULES
 
 
 def measured_probe(small_cfg, rule):
     """Build a rule on the 6→5→5→3 MLP, do what training_step does up to the probe, call the probe."""
-    cfg = small_cfg(f"algorithm.name={rule}", "data.shape=[6]", "data.num_classes=3", "model.depth=2",
-                    "model.width=5", "probe.signals=true")
-    torch.manual_seed(0)
-    model = create_model(cfg.model, (6,), 3)
-    module = RULE_CLASSES[rule](cfg, model, 3, (6,))
+    module = probe_module(rule)
     x, y = dfa_batch()
     surrogate, logits, loss = module.probed_objective(x, y)
     surrogate.backward()
@@ -301,10 +182,11 @@ def measured_probe(small_cfg, rule):
     return module, x, y, rule_grads, rule_signals, values
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa"])
+@pytest.mark.parametrize("rule", FEEDBACK_RULES)
 def test_probe_measure_against_independent_backprop(small_cfg, rule):
     module, x, y, rule_grads, rule_signals, values = measured_probe(small_cfg, rule)
     net = module.model.net
+    pairs = module.feedback_weight_pairs()
     # an independent backprop twin (copying weights is fine in a test)
     twin = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
     with torch.no_grad():
@@ -318,9 +200,10 @@ def test_probe_measure_against_independent_backprop(small_cfg, rule):
         g_rule, g_bp = rule_grads[f"net.{j}.weight"], twin[i].weight.grad
         assert values[f"align/update/net.{j}"] == pytest.approx(angle(g_rule, g_bp), abs=1e-4)
         assert values[f"align/ratio/net.{j}"] == pytest.approx(float(g_rule.norm() / g_bp.norm()), rel=1e-5)
-        if rule == "fa":
-            assert values[f"align/wb/net.{j}"] == pytest.approx(angle(net[j].weight.detach(), net[j].feedback), abs=1e-6)
-    if rule == "dfa":
+        if pairs:
+            W, B = pairs[f"net.{j}"]
+            assert values[f"align/wb/net.{j}"] == pytest.approx(angle(W, B), abs=1e-6)
+    if not pairs:
         assert not any(k.startswith("align/wb/") for k in values)
     # Launay Eq. 6: per-sample angle between the rule's δh_i and backprop's ∂L/∂h_i, mean and std
     for point, s_rule, s_bp in zip(["net.2", "net.4"], rule_signals, [h1.grad, h2.grad]):
@@ -334,7 +217,7 @@ def test_probe_measure_against_independent_backprop(small_cfg, rule):
     # the probe must leave the rule's .grad untouched and the rule switched back on
     for n, p in module.model.named_parameters():
         assert torch.equal(p.grad, rule_grads[n])
-    if rule == "fa":
+    if pairs:
         assert all(layer.use_feedback for layer in module.layers.values())
     else:
         assert module.tap.cut
@@ -406,35 +289,3 @@ def test_fa_converts_timm_model_and_trains_one_step(arch, kwargs, first, last):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------- 6. divergence guard
-
-def test_divergence_guard_ends_run_cleanly(small_cfg, tmp_path, monkeypatch):
-    calls = []
-
-    def poisoned(self, x, y):
-        surrogate, logits, loss = AlgorithmModule.objective(self, x, y)
-        calls.append(self.global_step)
-        if self.global_step >= 1:
-            surrogate, loss = surrogate * float("nan"), loss * float("nan")
-        return surrogate, logits, loss
-
-    monkeypatch.setattr(Backprop, "objective", poisoned)
-    cfg = small_cfg("algorithm.name=bp", "trainer.max_steps=6", "algorithm.optimizer=sgd", "algorithm.lr=0.1")
-    summary = train(cfg)
-    assert summary["status"] == "diverged"
-    run = one_run_dir(tmp_path / "runs")
-    assert read_json(run / "summary.json")["status"] == "diverged"
-    assert calls == [0, 1]  # stopped at the first non-finite loss
-    assert summary["final"] == {}  # no test on a diverged model
-    state = load_state(run)
-    assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("model."))
-    # a diverged run is final: train() skips it instead of rerunning
-    assert train(cfg)["status"] == "diverged" and calls == [0, 1]
-
-
-def test_divergence_guard_huge_learning_rate(small_cfg, tmp_path):
-    cfg = small_cfg("algorithm.name=bp", "algorithm.optimizer=sgd", "algorithm.lr=1e30",
-                    "model.activation=relu", "trainer.max_steps=8")
-    summary = train(cfg)
-    assert summary["status"] == "diverged"
-    assert summary["last_epoch"]["step"] < 8

@@ -1,4 +1,4 @@
-"""Model zoo: shapes, feedback points, convertible layers and parameter counts.
+"""Model zoo: shapes, feedback points, converted layers and parameter counts.
 
 Every registered model is tested through ``MODELS.names()``: a new model gets these tests by
 registering itself. Give it a small configuration in ``SMALL`` (a model without one is built
@@ -6,6 +6,7 @@ with no options on a 3×32×32 input and 10 classes).
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -16,6 +17,15 @@ from torch import nn
 
 from bench.models import MODELS, create_model, point_sizes
 from bench.models.base import count_params
+
+
+def convertible(model: nn.Module) -> list[str]:
+    """The layers a replaced-backward rule converts: convert_to_feedback's report on a copy, in
+    module order."""
+    from bench.feedback.replaced import convert_to_feedback
+
+    order = [n for n, _ in model.named_modules()]
+    return sorted(convert_to_feedback(copy.deepcopy(model)), key=order.index)
 
 # name -> list of (variant id, input_shape, num_classes, options); small enough for 2 CPU cores.
 SMALL: dict[str, list[tuple[str, tuple[int, ...], int, dict]]] = {
@@ -150,7 +160,7 @@ def test_points_called_once_in_forward_order(name, shape, ncls, opts, granularit
 @pytest.mark.parametrize("name,shape,ncls,opts", CASES)
 def test_output_layer_is_not_a_point(name, shape, ncls, opts):
     model = build(name, shape, ncls, opts)
-    layers = model.convertible_layers()
+    layers = convertible(model)
     _, calls, _ = run_with_hooks(model, batch(name, shape, ncls), layers)
     output_layer = calls[-1]  # the last Linear/Conv called produces the logits
     for g in ("micro", "macro"):
@@ -199,18 +209,18 @@ def test_replacing_point_outputs_with_detached_copies_keeps_the_forward(name, sh
 
 
 @pytest.mark.parametrize("name,shape,ncls,opts", CASES)
-def test_convertible_layers_are_the_linear_and_conv_layers(name, shape, ncls, opts):
+def test_converted_layers_are_the_linear_and_conv_layers(name, shape, ncls, opts):
     model = build(name, shape, ncls, opts)
     expected = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    assert model.convertible_layers() == expected
+    assert convertible(model) == expected
     if name in N_CONVERTIBLE:
         assert len(expected) == N_CONVERTIBLE[name]
 
 
-def test_convertible_layers_named_by_hand():
-    assert build("sfa_mnist", (1, 28, 28), 10, {}).convertible_layers() == [
+def test_converted_layers_named_by_hand():
+    assert convertible(build("sfa_mnist", (1, 28, 28), 10, {})) == [
         "features.0.conv", "features.1.conv", "hidden.0.fc", "classifier"]
-    assert build("transformer", (8,), 11, dict(n_layer=2, n_head=2, n_embd=16)).convertible_layers() == [
+    assert convertible(build("transformer", (8,), 11, dict(n_layer=2, n_head=2, n_embd=16))) == [
         f"blocks.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     ] + ["lm_head"]
 
@@ -321,4 +331,4 @@ def test_imagenet_size_variants(name, shape, opts):
         assert len(points) == N_POINTS[name][g]
         y, calls, _ = run_with_hooks(model, x, points)
         assert calls == points and tuple(y.shape) == (2, 10)
-    assert len(model.convertible_layers()) == N_CONVERTIBLE[name]
+    assert len(convertible(model)) == N_CONVERTIBLE[name]

@@ -2,10 +2,13 @@
 the CIFAR-10 GCN + ZCA preprocessing (rlra §3.3, §4 and appendix). Numbers by hand."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.feedback.replaced import convert_to_feedback
 from bench.models import MODELS
 from bench.models.pseudo_conv import PseudoConv2d
 
@@ -202,7 +205,9 @@ def test_lcnet_is_bartunovs_cifar_network():
     lc = lambda cin, cout, k, side: side * side * cout * (cin * k * k + 1)  # noqa: E731 untied weights + biases
     by_hand = lc(3, 64, 5, 16) + lc(64, 128, 5, 8) + lc(128, 256, 3, 8) + (256 * 8 * 8 * 10 + 10)
     assert count_params(model) == by_hand == 33_415_178
-    assert model.convertible_layers() == ["classifier"]
+    # the LC layers convert too (to FALocallyConnected2d), with the classifier
+    assert sorted(convert_to_feedback(copy.deepcopy(model))) == [
+        "classifier", "features.0.lc", "features.1.lc", "features.2.lc"]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -344,7 +349,8 @@ def test_cifar10_gcn_zca_loader_on_pickle_batches(tmp_path, monkeypatch):
 def test_fa_locally_connected_sends_the_error_through_fixed_feedback():
     """FA twin of an LC layer: δx = fold(B_lᵀ δz_l) (the input gradient of an LC layer whose weights
     are B), ΔW and Δb exactly backprop's; use_feedback=False is backprop."""
-    from bench.models.locally_connected import LocallyConnected2d, fa_locally_connected
+    from bench.feedback.replaced import fa_locally_connected
+    from bench.models.locally_connected import LocallyConnected2d
 
     torch.manual_seed(0)
     layer = LocallyConnected2d(2, 3, (5, 5), 3, stride=2, padding=1)
@@ -371,7 +377,7 @@ def test_fa_rule_converts_every_lc_layer_of_lcnet_with_per_position_feedback():
     shape, each position's B is its own draw with the dense-layer variance (kaiming: 1/fan_out), and
     the rule's probe mode (true_gradient) recovers backprop."""
     from bench.feedback.replaced import FeedbackLayer
-    from bench.models.locally_connected import FALocallyConnected2d
+    from bench.feedback.replaced import FALocallyConnected2d
     from bench.run.perf import build_module
 
     module = build_module("fa", ["model.name=lcnet", "model.channels=[4,8,8]", "algorithm.feedback_init=kaiming"], [3, 16, 16])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.feedback.init import feedback_tensor
+from bench.models.locally_connected import LocallyConnected2d
 
 
 class _FALinearFn(torch.autograd.Function):
@@ -111,6 +112,59 @@ class FAConv2d(nn.Conv2d, FeedbackLayer):
         return super().forward(x)
 
 
+class _FALocallyConnectedFn(torch.autograd.Function):
+    """Forward: the LC layer. Backward: δp_l = B_lᵀ δz_l folded back onto the input (B where
+    backprop uses W, Lillicrap et al. 2016 FA), ΔW_l = δz_l p_lᵀ and Δb the ordinary gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, derive, layer):
+        out = LocallyConnected2d.forward(layer, x)
+        if derive is not None and ctx.needs_input_grad[0]:  # as FALinear: W is still in cache
+            derive(weight, feedback)
+        ctx.save_for_backward(x, feedback)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feedback = ctx.saved_tensors
+        layer = ctx.layer
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad_out.flatten(2).permute(2, 1, 0)  # (L, C_out, B)
+        grad_x = grad_w = grad_b = None
+        if need_w:
+            grad_w = LocallyConnected2d.local_update(grad_out, layer.patches(x))
+        if need_x:
+            patch_grad = torch.bmm(feedback.transpose(1, 2), grad).permute(2, 1, 0)  # (B, K, L)
+            grad_x = F.fold(patch_grad, layer.in_size, layer.kernel_size, padding=layer.padding, stride=layer.stride)
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def fa_locally_connected(layer: LocallyConnected2d, feedback: torch.Tensor) -> "FALocallyConnected2d":
+    """The FA twin of ``layer`` sharing its Parameters, with fixed feedback ``B`` (shaped like
+    ``weight``): its converter in :data:`CONVERTERS`."""
+    new = FALocallyConnected2d.__new__(FALocallyConnected2d)
+    nn.Module.__init__(new)
+    for key in ("in_channels", "out_channels", "in_size", "kernel_size", "stride", "padding", "out_size"):
+        setattr(new, key, getattr(layer, key))
+    new.weight, new.bias = layer.weight, layer.bias
+    new.register_buffer("feedback", feedback.to(layer.weight.dtype).to(layer.weight.device))
+    new.train(layer.training)
+    return new
+
+
+class FALocallyConnected2d(LocallyConnected2d, FeedbackLayer):
+    """LC layer whose backward sends δ through the fixed ``feedback`` B instead of W (FA);
+    ``use_feedback = False`` is plain backprop (the alignment probe's reference)."""
+
+    def forward(self, x):
+        if self.use_feedback:
+            return _FALocallyConnectedFn.apply(x, self.weight, self.bias, self.feedback, self.derive, self)
+        return super().forward(x)
+
+
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if conv.padding_mode != "zeros":
         raise ValueError(f"cannot convert a Conv2d with padding_mode={conv.padding_mode!r}")
@@ -139,17 +193,41 @@ def _converted(layer: nn.Module, feedback: torch.Tensor) -> nn.Module:
     return new
 
 
+def _dense_twin(layer: nn.Module, init: str, sigma: float, generator: torch.Generator) -> nn.Module:
+    return _converted(layer, feedback_tensor(tuple(layer.weight.shape), init, sigma, generator))
+
+
+def _lc_twin(layer: LocallyConnected2d, init: str, sigma: float, generator: torch.Generator) -> nn.Module:
+    # untied weights (positions, out, in·k·k): each position is a dense layer of its own,
+    # so each gets its own draw with that layer's fan-in and fan-out
+    positions, out_ch, fan_in = layer.weight.shape
+    feedback = torch.stack([feedback_tensor((out_ch, fan_in), init, sigma, generator) for _ in range(positions)])
+    return fa_locally_connected(layer, feedback)
+
+
+# The layer types a replaced-backward rule converts, and how: (layer, init, sigma, generator) → its
+# FA twin. Subclasses match too (timm's Linear and Conv2d). The conversion tests are generated
+# from this table, so a new entry is tested with every converting rule.
+CONVERTERS: dict[type, Callable[..., nn.Module]] = {
+    nn.Linear: _dense_twin,
+    nn.Conv2d: _dense_twin,
+    LocallyConnected2d: _lc_twin,
+}
+
+
+def converter_for(module: nn.Module) -> Callable[..., nn.Module] | None:
+    return next((fn for kind, fn in CONVERTERS.items() if isinstance(module, kind)), None)
+
+
 def convert_to_feedback(model: nn.Module, init: str = "gaussian", sigma: float = 0.05,
                         seed: int = 0, skip: tuple[str, ...] = ()) -> list[str]:
-    """Replace every ``nn.Linear``/``nn.Conv2d`` (subclasses included, e.g. timm's) and every
-    locally-connected layer (Bartunov et al.'s untied convolution) in place.
+    """Replace every layer of a type in :data:`CONVERTERS` (``nn.Linear``, ``nn.Conv2d`` and their
+    subclasses, e.g. timm's, and Bartunov et al.'s locally-connected layer) in place.
 
     Works on any ``nn.Module`` tree. B for each layer is drawn from one generator seeded with
     ``seed`` in module order, so every DDP rank builds the same B without a broadcast.
     Returns the dotted names it converted (the "report"); layers in ``skip`` are left alone.
     """
-    from bench.models.locally_connected import LocallyConnected2d, fa_locally_connected  # imports this module
-
     generator = torch.Generator().manual_seed(seed)
     converted = []
     for parent_name, parent in list(model.named_modules()):
@@ -157,16 +235,9 @@ def convert_to_feedback(model: nn.Module, init: str = "gaussian", sigma: float =
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if full in skip or isinstance(child, FeedbackLayer):
                 continue
-            if isinstance(child, (nn.Linear, nn.Conv2d)):
-                feedback = feedback_tensor(tuple(child.weight.shape), init, sigma, generator)
-                setattr(parent, child_name, _converted(child, feedback))
-                converted.append(full)
-            elif isinstance(child, LocallyConnected2d):
-                # untied weights (positions, out, in·k·k): each position is a dense layer of its own,
-                # so each gets its own draw with that layer's fan-in and fan-out
-                positions, out_ch, fan_in = child.weight.shape
-                feedback = torch.stack([feedback_tensor((out_ch, fan_in), init, sigma, generator) for _ in range(positions)])
-                setattr(parent, child_name, fa_locally_connected(child, feedback))
+            convert = converter_for(child)
+            if convert is not None:
+                setattr(parent, child_name, convert(child, init, sigma, generator))
                 converted.append(full)
     return converted
 

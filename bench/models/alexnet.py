@@ -46,6 +46,7 @@ import torchvision
 from torch import nn
 
 from bench.models.base import MODELS, ZooModel
+from bench.models.structure import Stage, Step, Structure, pool_stages, split_blocks, typed_steps
 from bench.models.timm_models import disable_inplace
 from bench.options import ClassVar, Literal, ModelOptions, opt
 
@@ -107,3 +108,18 @@ class AlexNet(ZooModel):
 
     def forward(self, x):
         return self.net(x)
+
+    def structure(self) -> Structure:
+        """Conv stages closed by their max-pools, then (average pool and) flatten; stage
+        ``net.classifier``: [(dropout) → Linear → ReLU] blocks (the dropout runs before its
+        Linear); head: the last Linear."""
+        net = self.net
+        stages = pool_stages("net.features", split_blocks(typed_steps("net.features", net.features, (nn.Conv2d,))))
+        if isinstance(net, CifarAlexNet):
+            stages[-1].exit = [Step("net.flatten", "flatten", net.flatten)]
+        else:  # torchvision: avgpool, then torch.flatten in its forward
+            stages[-1].exit = [Step("net.avgpool", "pool", net.avgpool),
+                               Step("net", "flatten", lambda x: torch.flatten(x, 1))]
+        dense = split_blocks(typed_steps("net.classifier", net.classifier, (nn.Linear,)))
+        return Structure(pre=[], stages=[*stages, Stage("net.classifier", dense[:-1])], head=dense[-1],
+                         points=dict(self._points))

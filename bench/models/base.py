@@ -6,8 +6,12 @@ Every zoo model is an ``nn.Module`` that also answers two questions rules need:
   *outputs* are feedback points. ``"micro"`` is after every layer's nonlinearity (Launay et al.
   2020 recommend measuring there); ``"macro"`` is after every block. The output layer is never
   a point: it always receives the true local gradient of the loss.
-* ``convertible_layers()``: the dotted names of the ``nn.Linear``/``nn.Conv2d`` layers that a
-  replaced-backward rule (FA and friends) converts.
+* ``structure()``: its stages, blocks and each block's inner layers
+  (:mod:`bench.models.structure`). Rules that run a model piece by piece read this view; they
+  never walk the model's (or timm's) modules themselves.
+
+Which layers a replaced-backward rule converts is :func:`bench.feedback.replaced.convert_to_feedback`'s
+business (its ``CONVERTERS``), not the model's.
 
 A point module must be *called once per forward*, because rules hook its output.
 """
@@ -18,13 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.models.structure import Structure, sequential_structure
 from bench.registry import Registry
 
 MODELS: Registry = Registry("model")
-
-
-def linear_and_conv_names(module: nn.Module) -> list[str]:
-    return [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 class ZooModel(nn.Module):
@@ -40,8 +41,16 @@ class ZooModel(nn.Module):
             )
         return list(self._points[granularity])
 
-    def convertible_layers(self) -> list[str]:
-        return linear_and_conv_names(self)
+    def structure(self) -> Structure:
+        """Stages, blocks, inner layers and feedback points, built from the current submodules.
+
+        The default reads the zoo's sequential convention (``features`` + ``flatten`` (+ ``hidden``)
+        + ``classifier``, role-named keys: :func:`~bench.models.structure.sequential_structure`);
+        any other layout overrides this."""
+        if all(hasattr(self, k) for k in ("features", "flatten", "classifier")):
+            return sequential_structure(self)
+        raise NotImplementedError(f"{type(self).__name__} has no structure view: give it a structure() "
+                                  "(bench/models/structure.py)")
 
 
 def create_model(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> ZooModel:

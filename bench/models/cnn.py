@@ -28,6 +28,7 @@ from torch import nn
 
 from bench.models.activations import make_activation
 from bench.models.base import MODELS, ZooModel
+from bench.models.structure import Structure, sequential_structure
 from bench.models.mlp import init_linear
 from bench.options import ACTIVATIONS, WEIGHT_INITS, ClassVar, ConfigError, Literal, ModelOptions, opt
 
@@ -145,6 +146,11 @@ class CNN(ZooModel):
 
     def forward(self, x):
         return self.classifier(self.hidden(self.flatten(self.features(x))))
+
+    def structure(self) -> Structure:
+        """Stage ``features``: [conv → (BN) → φ → (pool) → (dropout)] blocks, then flatten; stage
+        ``hidden``: [Linear → (BN) → φ → (dropout)] blocks; head: the classifier."""
+        return sequential_structure(self)
 
 
 class SfaMnistOptions(ModelOptions):

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.feedback.replaced import FeedbackLayer
 from bench.models.activations import make_activation
 from bench.models.base import MODELS, ZooModel
 from bench.models.cnn import _per_layer
+from bench.models.structure import Structure, sequential_structure
 from bench.models.mlp import init_linear
 from bench.options import ACTIVATIONS, WEIGHT_INITS, ClassVar, Literal, ModelOptions, opt
 
@@ -57,7 +57,8 @@ class LocallyConnected2d(nn.Module):
 
     Pieces a local rule needs: :meth:`patches` ``(x) -> (B, K, L)`` (every receptive field,
     K = C_in·kh·kw) and :meth:`local_update` ``(e, patches) -> ΔW`` with ΔW_l = Σ_b e_l p_lᵀ,
-    shaped like ``weight``.
+    shaped like ``weight``. Its feedback-alignment twin is
+    ``bench.feedback.replaced.FALocallyConnected2d`` (feedback code imports the zoo, never the reverse).
     """
 
     def __init__(self, in_channels: int, out_channels: int, in_size, kernel_size, stride=1, padding=0,
@@ -111,49 +112,6 @@ class LocallyConnected2d(nn.Module):
                 f"stride={self.stride}, padding={self.padding}, out_size={self.out_size}, bias={self.bias is not None}")
 
 
-class _FALocallyConnectedFn(torch.autograd.Function):
-    """Forward: the LC layer. Backward: δp_l = B_lᵀ δz_l folded back onto the input (B where
-    backprop uses W, Lillicrap et al. 2016 FA), ΔW_l = δz_l p_lᵀ and Δb the ordinary gradients."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, feedback, derive, layer):
-        out = LocallyConnected2d.forward(layer, x)
-        if derive is not None and ctx.needs_input_grad[0]:  # as FALinear: W is still in cache
-            derive(weight, feedback)
-        ctx.save_for_backward(x, feedback)
-        ctx.layer, ctx.has_bias = layer, bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, feedback = ctx.saved_tensors
-        layer = ctx.layer
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad = grad_out.flatten(2).permute(2, 1, 0)  # (L, C_out, B)
-        grad_x = grad_w = grad_b = None
-        if need_w:
-            grad_w = LocallyConnected2d.local_update(grad_out, layer.patches(x))
-        if need_x:
-            patch_grad = torch.bmm(feedback.transpose(1, 2), grad).permute(2, 1, 0)  # (B, K, L)
-            grad_x = F.fold(patch_grad, layer.in_size, layer.kernel_size, padding=layer.padding, stride=layer.stride)
-        if need_b and ctx.has_bias:
-            grad_b = grad_out.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
-
-
-def fa_locally_connected(layer: LocallyConnected2d, feedback: torch.Tensor) -> "FALocallyConnected2d":
-    """The FA twin of ``layer`` sharing its Parameters, with fixed feedback ``B`` (shaped like
-    ``weight``) — what ``bench.feedback.replaced.convert_to_feedback`` does for Linear/Conv2d."""
-    new = FALocallyConnected2d.__new__(FALocallyConnected2d)
-    nn.Module.__init__(new)
-    for key in ("in_channels", "out_channels", "in_size", "kernel_size", "stride", "padding", "out_size"):
-        setattr(new, key, getattr(layer, key))
-    new.weight, new.bias = layer.weight, layer.bias
-    new.register_buffer("feedback", feedback.to(layer.weight.dtype).to(layer.weight.device))
-    new.train(layer.training)
-    return new
-
-
 def init_lc(layer: LocallyConnected2d, init: str, sigma: float) -> None:
     """The zoo's ``init`` names (``init_linear``) on an LC layer: fan-in C_in·k·k per position."""
     if init == "default":
@@ -171,16 +129,6 @@ def init_lc(layer: LocallyConnected2d, init: str, sigma: float) -> None:
         raise ValueError(f"unknown init {init!r}; valid choices: default, gaussian, xavier, kaiming, lecun")
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
-
-
-class FALocallyConnected2d(LocallyConnected2d, FeedbackLayer):
-    """LC layer whose backward sends δ through the fixed ``feedback`` B instead of W (FA);
-    ``use_feedback = False`` is plain backprop (the alignment probe's reference)."""
-
-    def forward(self, x):
-        if self.use_feedback:
-            return _FALocallyConnectedFn.apply(x, self.weight, self.bias, self.feedback, self.derive, self)
-        return super().forward(x)
 
 
 class LCNetOptions(ModelOptions):
@@ -206,8 +154,6 @@ class LCNet(ZooModel):
     ``activation``/``slope``, ``batchnorm``, ``layernorm``, ``dropout``, ``init``/``sigma``.
 
     Feedback points (micro and macro alike): every LC layer's nonlinearity ``features.i.act``.
-    The LC layers are not ``nn.Linear``/``nn.Conv2d``, so ``convertible_layers()`` lists the
-    classifier only.
     """
 
     def __init__(self, input_shape, num_classes, channels: Sequence[int] = (64, 128, 256), kernel=(5, 5, 3),
@@ -243,5 +189,10 @@ class LCNet(ZooModel):
     def forward(self, x):
         return self.classifier(self.flatten(self.features(x)))
 
+    def structure(self) -> Structure:
+        """Stage ``features``: [LC → (BN) → (LN) → φ → (dropout)] blocks, then flatten; head: the
+        classifier."""
+        return sequential_structure(self)
 
-__all__ = ["FALocallyConnected2d", "LocallyConnected2d", "LCNet", "fa_locally_connected", "init_lc"]
+
+__all__ = ["LocallyConnected2d", "LCNet", "init_lc"]

@@ -7,6 +7,7 @@ from torch import nn
 
 from bench.models.activations import make_activation
 from bench.models.base import MODELS, ZooModel
+from bench.models.structure import Stage, Structure, split_blocks, typed_steps
 from bench.options import ACTIVATIONS, WEIGHT_INITS, ClassVar, Literal, ModelOptions, opt
 
 
@@ -74,3 +75,12 @@ class MLP(ZooModel):
 
     def forward(self, x):
         return self.net(x)
+
+    def structure(self) -> Structure:
+        """pre = [Flatten, (input dropout)]; one stage ``net`` of [Linear → (BN) → φ → (dropout)]
+        blocks; the head is the output Linear."""
+        steps = typed_steps("net", self.net, (nn.Linear,))
+        first = next(i for i, s in enumerate(steps) if s.role == "layer")
+        blocks = split_blocks(steps[first:])
+        return Structure(pre=steps[:first], stages=[Stage("net", blocks[:-1])], head=blocks[-1],
+                         points=dict(self._points))

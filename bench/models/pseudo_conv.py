@@ -59,7 +59,8 @@ from torch import nn
 
 from bench.models.base import MODELS, ZooModel
 from bench.options import ClassVar, ConfigError, Literal, ModelOptions, opt
-from bench.models.timm_models import disable_inplace, resnet_points
+from bench.models.structure import Structure
+from bench.models.timm_models import disable_inplace, resnet_points, resnet_structure
 
 INITS = ("kaiming", "gaussian", "xavier")
 
@@ -241,5 +242,9 @@ class PResNet18(ZooModel):
     def forward(self, x):
         return self.net(x)
 
+
+    def structure(self) -> Structure:
+        """timm:resnet18's (the pseudo-convs are the blocks' conv1/conv2 layers)."""
+        return resnet_structure(self.net, self._points)
 
 __all__ = ["PseudoConv2d", "PResNet18", "init_network"]

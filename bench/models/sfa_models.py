@@ -13,6 +13,7 @@ from torch import nn
 
 from bench.models.base import MODELS, ZooModel
 from bench.models.cnn import CNN, init_layer
+from bench.models.structure import Block, Stage, Step, Structure, named_steps
 from bench.options import WEIGHT_INITS, ClassVar, Literal, ModelOptions, opt
 
 
@@ -117,6 +118,17 @@ class SfaAllConv(ZooModel):
     def forward(self, x):
         out = self.out_act(self.classifier(self.features(self.input_dropout(x))))
         return torch.flatten(self.pool(out), 1)
+
+    def structure(self) -> Structure:
+        """pre: input dropout; stage ``features``: [conv → ReLU → (dropout)] blocks; head: the class
+        conv, its ReLU, the global average pool and the flatten."""
+        role = "dropout" if isinstance(self.input_dropout, nn.Dropout) else "other"
+        blocks = [Block(f"features.{i}", named_steps(f"features.{i}", b)) for i, b in enumerate(self.features)]
+        head = Block("classifier", [Step("classifier", "layer", self.classifier), Step("out_act", "act", self.out_act),
+                                    Step("pool", "pool", self.pool),
+                                    Step("pool", "flatten", lambda x: torch.flatten(x, 1))])
+        return Structure(pre=[Step("input_dropout", role, self.input_dropout)], stages=[Stage("features", blocks)],
+                         head=head, points=dict(self._points))
 
 
 @MODELS.register("sfa_cifar2")

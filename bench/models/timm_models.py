@@ -12,11 +12,15 @@ it. Clearing every ``inplace`` attribute costs a little memory and makes hooks s
 from __future__ import annotations
 
 import timm
+import torch.nn.functional as F
 from timm.layers import ClassifierHead
+from timm.models.resnet import BasicBlock
 from timm.models.vgg import ConvMlp
 from torch import nn
 
 from bench.models.base import MODELS, ZooModel
+from bench.models.structure import (Block, OpaqueBlock, ResidualBlock, Stage, Step, Structure, pool_stages,
+                                    split_blocks, typed_steps)
 from bench.options import ClassVar, Literal, ModelOptions, opt
 
 
@@ -70,6 +74,9 @@ class TimmResNet18(ZooModel):
 
     def forward(self, x):
         return self.net(x)
+
+    def structure(self) -> Structure:
+        return resnet_structure(self.net, self._points)
 
 
 class TimmVGGOptions(TimmResNetOptions):
@@ -131,8 +138,57 @@ class TimmVGG16(ZooModel):
     def forward(self, x):
         return self.net(x)
 
+    def structure(self) -> Structure:
+        """Five conv stages ([conv → (BN) → ReLU] blocks, each stage closed by its max-pool), then
+        ``net.pre_logits`` (timm's ConvMlp: fc1 → act1 → drop → fc2 → act2, run as its module, which
+        first resizes maps under 7×7) and the head (global pool → dropout → fc → flatten)."""
+        net = self.net
+        stages = pool_stages("net.features", split_blocks(typed_steps("net.features", net.features, (nn.Conv2d,))))
+        mlp = net.pre_logits
+        pre_logits = OpaqueBlock("net.pre_logits", [
+            Step("net.pre_logits.fc1", "layer", mlp.fc1), Step("net.pre_logits.act1", "act", mlp.act1),
+            Step("net.pre_logits.drop", "dropout", mlp.drop), Step("net.pre_logits.fc2", "layer", mlp.fc2),
+            Step("net.pre_logits.act2", "act", mlp.act2)], module=mlp)
+        head = net.head
+        head_block = OpaqueBlock("net.head", [
+            Step("net.head.global_pool", "pool", head.global_pool), Step("net.head.drop", "dropout", head.drop),
+            Step("net.head.fc", "layer", head.fc), Step("net.head.flatten", "flatten", head.flatten)], module=head)
+        return Structure(pre=[], stages=[*stages, Stage("net.pre_logits", [pre_logits])], head=head_block,
+                         points=dict(self._points))
 
-__all__ = ["TimmResNet18", "TimmVGG16", "disable_inplace"]
+
+__all__ = ["TimmResNet18", "TimmVGG16", "disable_inplace", "resnet_structure"]
+
+
+def resnet_structure(net: nn.Module, points: dict[str, list[str]]) -> Structure:
+    """The structure of a timm ResNet of basic blocks (``ResNet.forward_features``/``forward_head``
+    of timm 1.0): a stem block conv1 → bn1 → act1 → maxpool, stages ``net.layer1…4`` of
+    :class:`ResidualBlock` s, and the head global_pool → (dropout at ``drop_rate``) → fc."""
+    stem = Block("net.conv1", [Step("net.conv1", "layer", net.conv1), Step("net.bn1", "norm", net.bn1),
+                               Step("net.act1", "act", net.act1), Step("net.maxpool", "pool", net.maxpool)])
+    stages = [Stage("net.stem", [stem])]
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        blocks = []
+        for i, blk in enumerate(getattr(net, stage)):
+            name = f"net.{stage}.{i}"
+            if not isinstance(blk, BasicBlock):
+                raise ValueError(f"the ResNet structure view covers basic blocks; {name} is {type(blk).__name__}")
+            steps = [Step(f"{name}.conv1", "layer", blk.conv1), Step(f"{name}.bn1", "norm", blk.bn1),
+                     Step(f"{name}.drop_block", "dropout", blk.drop_block), Step(f"{name}.act1", "act", blk.act1),
+                     Step(f"{name}.aa", "other" if isinstance(blk.aa, nn.Identity) else "pool", blk.aa),
+                     Step(f"{name}.conv2", "layer", blk.conv2), Step(f"{name}.bn2", "norm", blk.bn2)]
+            steps += [Step(f"{name}.{k}", "other", getattr(blk, k)) for k in ("se", "drop_path")
+                      if getattr(blk, k) is not None]
+            if blk.downsample is not None:
+                steps.append(Step(f"{name}.downsample", "shortcut", blk.downsample))
+            steps.append(Step(f"{name}.act2", "act", blk.act2))
+            blocks.append(ResidualBlock(name, steps, module=blk))
+        stages.append(Stage(f"net.{stage}", blocks))
+    head = [Step("net.global_pool", "pool", net.global_pool)]
+    if net.drop_rate:
+        head.append(Step("net", "dropout", lambda x: F.dropout(x, p=float(net.drop_rate), training=net.training)))
+    head.append(Step("net.fc", "layer", net.fc))
+    return Structure(pre=[], stages=stages, head=Block("net.fc", head), points=dict(points))
 
 
 def resnet_points(net: nn.Module) -> dict[str, list[str]]:

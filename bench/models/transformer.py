@@ -35,6 +35,7 @@ from torch import nn
 from bench.options import REPLACED_BACKWARD_RULES, Literal  # noqa: I001 (the LM options)
 
 from bench.models.base import MODELS, ZooModel
+from bench.models.structure import Block as ViewBlock, OpaqueBlock, Stage, Step, Structure
 from bench.options import ClassVar, ConfigError, ModelOptions, opt
 
 
@@ -231,6 +232,31 @@ class TransformerLM(ZooModel):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def structure(self) -> Structure:
+        """pre: token + position embeddings and dropout; stage ``blocks`` (each run as its module,
+        its attention and FFN layers listed); head: ln_f → lm_head."""
+
+        def tokens(idx):
+            return self.wte(idx.long() if idx.is_floating_point() else idx)
+
+        def positions(x):
+            return x + self.wpe(torch.arange(x.shape[1], device=x.device))
+
+        blocks = []
+        for i, b in enumerate(self.blocks):
+            p = f"blocks.{i}"
+            steps = [Step(f"{p}.ln_1", "norm", b.ln_1), Step(f"{p}.attn.c_attn", "layer", b.attn.c_attn),
+                     Step(f"{p}.attn.c_proj", "layer", b.attn.c_proj),
+                     Step(f"{p}.attn.resid_dropout", "dropout", b.attn.resid_dropout),
+                     Step(f"{p}.ln_2", "norm", b.ln_2), Step(f"{p}.mlp.c_fc", "layer", b.mlp.c_fc),
+                     Step(f"{p}.mlp.act", "act", b.mlp.act), Step(f"{p}.mlp.c_proj", "layer", b.mlp.c_proj),
+                     Step(f"{p}.mlp.dropout", "dropout", b.mlp.dropout)]
+            blocks.append(OpaqueBlock(p, steps, kind="transformer", module=b))
+        head = ViewBlock("lm_head", [Step("ln_f", "norm", self.ln_f), Step("lm_head", "layer", self.lm_head)])
+        pre = [Step("wte", "other", tokens), Step("wpe", "other", positions), Step("drop", "dropout", self.drop)]
+        return Structure(pre=pre, stages=[Stage("blocks", blocks)], head=head,
+                         points=dict(self._points))
 
     def forward(self, idx):
         if idx.is_floating_point():
