@@ -227,3 +227,13 @@ def test_cli_checks_fail_before_lightning_is_imported(args, says):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
     assert elapsed < 2.0, f"{args}: {elapsed:.2f} s"
+
+
+def test_a_rule_refusing_a_model_is_one_line_and_exit_2(tmp_path):
+    """Refusals decided when the rule is built (dtp needs the zoo MLP) reach the user as one line."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "run", "algorithm.name=dtp", "model.name=cnn",
+                           "data.name=synthetic", "trainer.max_steps=1", f"output.root={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("error: dtp on cnn: ") and "sequential mlp" in proc.stderr

@@ -1,4 +1,4 @@
-"""Train-only wall-clock per epoch, median step time and peak memory (DESIGN "Timing and memory").
+"""Train-only wall-clock per epoch, median step time and peak memory (docs/architecture.md).
 
 Epoch time runs from the epoch's start to the end of its last training batch, so validation is
 excluded; probe time is subtracted (the probe reports it separately). CUDA is synchronised
