@@ -209,9 +209,11 @@ def test_replacing_point_outputs_with_detached_copies_keeps_the_forward(name, sh
 
 
 @pytest.mark.parametrize("name,shape,ncls,opts", CASES)
-def test_converted_layers_are_the_linear_and_conv_layers(name, shape, ncls, opts):
+def test_converted_layers_are_the_linear_conv_and_lc_layers(name, shape, ncls, opts):
     model = build(name, shape, ncls, opts)
-    expected = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    from bench.models.locally_connected import LocallyConnected2d
+
+    expected = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d, LocallyConnected2d)]
     assert convertible(model) == expected
     if name in N_CONVERTIBLE:
         assert len(expected) == N_CONVERTIBLE[name]

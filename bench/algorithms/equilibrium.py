@@ -71,6 +71,7 @@ from torch import nn
 
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.noise import SharedNoise
+from bench.models.structure import structure_of
 from bench.options import AlgorithmOptions, ClassVar, ConfigError, opt
 
 
@@ -110,27 +111,28 @@ def rho(s: torch.Tensor) -> torch.Tensor:
 
 
 def parse_linears(model: nn.Module, model_name: str) -> tuple[list[nn.Module], list[nn.Linear]]:
-    """The zoo MLP's input modules (Flatten) and its Linear layers W_1 … W_L; refuse anything else."""
-    net = getattr(model, "net", None)
-    if not isinstance(net, nn.Sequential):
-        raise ConfigError(f"algorithm eprop: model {model_name!r} is not supported; equilibrium propagation "
-                          f"runs on a layered energy built from the zoo's mlp (model.name=mlp)")
-    pre, linears = [], []
-    for m in net:
-        if isinstance(m, nn.Linear):
-            linears.append(m)
-        elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm, nn.Dropout)):
-            raise ConfigError(f"algorithm eprop: the Hopfield energy has no place for {type(m).__name__}; "
+    """The zoo MLP's input steps (Flatten) and its Linear layers W_1 … W_L, read from the model's
+    structure view (``model.structure().chain()``); refuse anything else."""
+    unsupported = ConfigError(f"algorithm eprop: model {model_name!r} is not supported; equilibrium propagation "
+                              f"runs on a layered energy built from the zoo's mlp (model.name=mlp)")
+    try:
+        pre, blocks = structure_of(model).chain()
+    except ValueError:
+        raise unsupported from None
+    for step in [*pre, *(s for b in blocks for s in b.steps)]:
+        if step.role in ("norm", "dropout"):
+            raise ConfigError(f"algorithm eprop: the Hopfield energy has no place for {type(step.fn).__name__}; "
                               f"use model.batchnorm=false, model.dropout=0.0 and model.input_dropout=0.0")
-        elif isinstance(m, (nn.Flatten, nn.Unflatten)) and not linears:
-            pre.append(m)
-        elif not linears:
-            raise ConfigError(f"algorithm eprop: model {model_name!r} has a {type(m).__name__} before its first "
-                              f"Linear; only the zoo's plain mlp is supported")
-        # anything else between Linears is the MLP's φ module: EP's units use ρ instead
+        if step.role == "layer" and not isinstance(step.fn, nn.Linear):
+            raise unsupported
+        if step.role not in ("layer", "act", "flatten"):  # pooling, shortcuts, other functions
+            raise ConfigError(f"algorithm eprop: model {model_name!r} has {step.name} ({step.role}); "
+                              f"only the zoo's plain mlp is supported")
+    # each block's φ module is not used: EP's units use ρ instead
+    linears = [b.layer for b in blocks]
     if not linears:
         raise ConfigError(f"algorithm eprop: model {model_name!r} has no Linear layers")
-    return pre, linears
+    return [s.fn for s in pre], linears
 
 
 @RULES.register("eprop")

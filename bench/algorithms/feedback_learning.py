@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from bench.algorithms.base import RULES
 from bench.algorithms.feedback_alignment import FAOptions, FeedbackAlignment
 from bench.feedback.noise import SharedNoise
+from bench.feedback.replaced import FALocallyConnected2d
 from bench.options import ClassVar, opt
 
 
@@ -98,7 +99,11 @@ class WeightMirrors(_LearnedFeedback):
     Akrout et al.'s ΔB = η y xᵀ − λB with ησ² = λ = α = ``mirror_rate``, so B → W in expectation.
     For a convolution the noise is an image of m × m output positions (``mirror_size`` = m)
     convolved *without padding*, so every kernel offset sees the same number of input pixels and
-    Ŵ = conv2d_weight(x, y) / (n·m²) is unbiased. Noise comes from one generator seeded with
+    Ŵ = conv2d_weight(x, y) / (n·m²) is unbiased. A locally-connected layer is a dense layer
+    W_l per output position l, so each position is mirrored as one: its own white-noise patches
+    x_l (n × C_in·k·k), y_l = W_l x_l, Ŵ_l = y_l x_lᵀ / n (independent patches, where the patches
+    of one noise image would overlap and meet the zero padding at the border, which biases Ŵ_l).
+    Noise comes from one generator seeded with
     ``seed + 104729`` on every rank (DDP-identical); its state is checkpointed.
     """
 
@@ -122,6 +127,9 @@ class WeightMirrors(_LearnedFeedback):
             if w.ndim == 2:
                 x = torch.randn(n, w.shape[1], generator=gen, device=w.device, dtype=w.dtype)
                 estimate = F.linear(x, w).t().mm(x).div_(n)
+            elif isinstance(layer, FALocallyConnected2d):  # w: (positions, C_out, K)
+                x = torch.randn(w.shape[0], n, w.shape[2], generator=gen, device=w.device, dtype=w.dtype)
+                estimate = torch.bmm(torch.bmm(x, w.transpose(1, 2)).transpose(1, 2), x).div_(n)
             else:
                 (kh, kw), (sh, sw), (dh, dw) = w.shape[2:], layer.stride, layer.dilation
                 size = (dh * (kh - 1) + 1 + sh * (m - 1), dw * (kw - 1) + 1 + sw * (m - 1))

@@ -111,17 +111,15 @@ from torch import nn
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.init import feedback_tensor
 from bench.models.locally_connected import LocallyConnected2d
+from bench.models.structure import ResidualBlock, Structure, run, structure_of
 from bench.options import FEEDBACK_INITS, AlgorithmOptions, ClassVar, ConfigError, Literal, opt
-
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
-
 
 @dataclass
 class Stage:
     """One layer ℓ of a sequential net: h_ℓ = norm(linear(z_{ℓ-1})), z_ℓ = act(h_ℓ), then ``post``.
 
     ``linear`` is the layer's Linear (or, for the plain CNN, its Conv2d; for LCNet, its
-    LocallyConnected2d)."""
+    LocallyConnected2d). Read from a plain block of the model's structure view."""
 
     linear: nn.Module
     norms: list = field(default_factory=list)
@@ -130,44 +128,31 @@ class Stage:
     post: list = field(default_factory=list)  # dropout (pooling, flatten) after the activation
 
 
-def _leaves(model: nn.Module, convs: bool) -> list[tuple[str, nn.Module]] | None:
-    """The zoo MLP's ``net`` children, or (``convs``) the zoo CNN's / LCNet's layers in forward order
-    (LCNet is the CNN's layout without the ``hidden`` dense layers)."""
-    net = getattr(model, "net", None)
-    if isinstance(net, nn.Sequential):
-        return [(f"net.{n}", m) for n, m in net.named_children()]
-    if convs and all(hasattr(model, k) for k in ("features", "flatten", "classifier")):
-        leaves = [(f"features.{i}.{n}", m) for i, b in enumerate(model.features) for n, m in b.named_children()]
-        leaves.append(("flatten", model.flatten))
-        leaves += [(f"hidden.{i}.{n}", m) for i, b in enumerate(getattr(model, "hidden", ())) for n, m in b.named_children()]
-        return leaves + [("classifier", model.classifier)]
-    return None
-
-
 def parse_stages(model: nn.Module, convs: bool = False) -> tuple[list[nn.Module], list[Stage]]:
-    """Split a zoo MLP's ``net`` (or, with ``convs``, the zoo CNN) into input modules and stages."""
-    leaves = _leaves(model, convs)
-    if leaves is None:
-        what = "a sequential MLP, the zoo cnn or lcnet" if convs else "a sequential MLP (no nn.Sequential `net`)"
-        raise ValueError(f"{type(model).__name__} is not {what}; this rule is implemented for "
-                         f"{'mlp, cnn, lcnet and the timm/p ResNet-18' if convs else 'the zoo mlp'}")
+    """A sequential zoo net from its structure view (``model.structure().chain()``): its input
+    steps and one stage per block. ``convs`` admits Conv2d and locally-connected layers (the zoo
+    cnn and lcnet); without it every layer must be a Linear (the zoo mlp)."""
+    what = "a sequential mlp, cnn or lcnet" if convs else "a sequential mlp of Linear layers"
     layer_types = (nn.Linear, nn.Conv2d, LocallyConnected2d) if convs else (nn.Linear,)
-    pre, stages = [], []
-    for name, m in leaves:
-        if isinstance(m, layer_types):
-            stages.append(Stage(linear=m))
-        elif not stages:
-            pre.append(m)  # Flatten, input dropout
-        elif stages[-1].act is None and isinstance(m, NORMS):
-            stages[-1].norms.append(m)
-        elif stages[-1].act is None and not isinstance(m, (nn.Dropout, nn.Flatten)):
-            stages[-1].act, stages[-1].act_name = m, name
-        else:
-            stages[-1].post.append(m)
+    try:
+        pre, blocks = structure_of(model).chain()
+        for b in blocks:
+            if b.before:
+                raise ValueError(f"block {b.name!r} runs {b.before[0].name} before its layer")
+            if not isinstance(b.layer, layer_types):
+                raise ValueError(f"block {b.name!r} has a {type(b.layer).__name__}")
+            odd = [s.name for s in b.steps if s.role in ("shortcut", "other")]
+            if odd:
+                raise ValueError(f"block {b.name!r} has {odd[0]}, neither a norm, an activation, pooling nor dropout")
+    except ValueError as exc:
+        raise ValueError(f"{type(model).__name__} is not {what} ({exc}); this rule is implemented for "
+                         f"{'mlp, cnn, lcnet and the timm/p ResNet-18' if convs else 'the zoo mlp'}") from None
+    stages = [Stage(linear=b.layer, norms=b.norms, act=b.act, act_name=b.act_name, post=[s.fn for s in b.post])
+              for b in blocks]
     if len(stages) < 2 or stages[-1].act is not None or any(s.act is None for s in stages[:-1]):
         raise ValueError(f"{type(model).__name__}: expected [layer → (norm) → activation]+ → Linear, "
                          "got a different layout; rec-LRA needs each hidden layer's φ")
-    return pre, stages
+    return [s.fn for s in pre], stages
 
 
 def elastic(diff: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -177,9 +162,8 @@ def elastic(diff: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * diff + (1.0 - alpha) * torch.sign(diff)
 
 
-def _is_resnet(model: nn.Module) -> bool:
-    net = getattr(model, "net", None)
-    return net is not None and all(hasattr(net, k) for k in ("conv1", "layer1", "layer4", "fc", "global_pool"))
+def _is_resnet(view: Structure) -> bool:
+    return any(isinstance(b, ResidualBlock) for b in view.blocks)
 
 
 class SequentialRegions:
@@ -244,71 +228,56 @@ class SequentialRegions:
 
 
 class ResNetRegions:
-    """timm ResNet-18 / pResNet-18 (BasicBlock): stem, block outputs (and inner maps), output."""
+    """timm ResNet-18 / pResNet-18 (basic blocks): stem, block outputs (and inner maps), output.
+
+    Every piece comes from the model's structure view: the stem block, each
+    :class:`~bench.models.structure.ResidualBlock`'s inner steps and the head."""
 
     def __init__(self, model: nn.Module, block_update: str):
-        from timm.models.resnet import BasicBlock
-
-        self.net = net = model.net
+        view = structure_of(model)
         self.local_bp = block_update == "local_bp"
-        self.blocks = []
-        for stage in ("layer1", "layer2", "layer3", "layer4"):
-            for i, blk in enumerate(getattr(net, stage)):
-                if not isinstance(blk, BasicBlock):
-                    raise ValueError(f"rec-LRA supports ResNets of BasicBlocks; net.{stage}.{i} is {type(blk).__name__}")
-                self.blocks.append((f"net.{stage}.{i}", blk))
-        self.names, self.acts = ["net.act1"], [net.act1]
-        for name, blk in self.blocks:
+        (self.stem,) = view.stages[0].blocks
+        self.views = [b for st in view.stages[1:] for b in st.blocks]
+        if any(not isinstance(b, ResidualBlock) for b in self.views):
+            bad = next(b for b in self.views if not isinstance(b, ResidualBlock))
+            raise ValueError(f"rec-LRA supports ResNets of basic blocks; {bad.name} is a {bad.kind} block")
+        self.head = view.head
+        self.blocks = [(b.name, b.module) for b in self.views]
+        self.names, self.acts = [self.stem.act_name], [self.stem.act]
+        for b in self.views:
             if not self.local_bp:
-                self.names.append(f"{name}.act1")
-                self.acts.append(blk.act1)
-            self.names.append(f"{name}.act2")
-            self.acts.append(blk.act2)
+                self.names.append(f"{b.name}.act1")
+                self.acts.append(b.act1)
+            self.names.append(f"{b.name}.act2")
+            self.acts.append(b.act2)
         self.names.append("output")
         self.acts.append(None)
 
-    @staticmethod
-    def inner(blk, x):
-        """h of the block's inner map: drop_block(bn1(conv1(x)))."""
-        return blk.drop_block(blk.bn1(blk.conv1(x)))
-
-    @staticmethod
-    def outer(blk, a, x):
-        """h of the block's output: bn2(conv2(a)) (+ se, drop_path) + shortcut(x), before act2."""
-        h = blk.bn2(blk.conv2(a))
-        if blk.se is not None:
-            h = blk.se(h)
-        if blk.drop_path is not None:
-            h = blk.drop_path(h)
-        return h + (blk.downsample(x) if blk.downsample is not None else x)
-
     def forward_layers(self, x: torch.Tensor):
-        """Timm's ResNet forward, region by region on detached inputs: [(input, h_i, z_i)], logits."""
-        net = self.net
+        """The ResNet's forward, region by region on detached inputs: [(input, h_i, z_i)], logits."""
+        stem, head = self.stem, self.head
         layers = []
-        h = net.bn1(net.conv1(x))
+        h = stem.preactivation(x)
         with torch.no_grad():
-            z = net.act1(h)
-            out = net.maxpool(z)
+            z = stem.act(h)
+            out = run(stem.post, z)
         layers.append((x, h, z))
-        for _, blk in self.blocks:
+        for blk in self.views:
             x_b = out
             if self.local_bp:  # local BP inside the block: one graph from the block input to h
-                h = self.outer(blk, blk.aa(blk.act1(self.inner(blk, x_b))), x_b)
+                h = blk.outer(blk.mid(blk.act1(blk.inner(x_b))), x_b)
             else:
-                h1 = self.inner(blk, x_b)
+                h1 = blk.inner(x_b)
                 with torch.no_grad():
                     z1 = blk.act1(h1)
-                    a = blk.aa(z1)
+                    a = blk.mid(z1)
                 layers.append((x_b, h1, z1))
-                h = self.outer(blk, a, x_b)
+                h = blk.outer(a, x_b)
             with torch.no_grad():
                 out = blk.act2(h)
             layers.append((x_b, h, out))
-        feats = net.global_pool(out)
-        if net.drop_rate:
-            feats = F.dropout(feats, p=float(net.drop_rate), training=net.training)
-        layers.append((feats, net.fc(feats), None))
+        feats = run(head.before, out)
+        layers.append((feats, head.layer(feats), None))
         return layers
 
     def wiring(self, depth: int, gap: int, pairwise: bool) -> dict[int, tuple[int, int]]:
@@ -339,8 +308,8 @@ class LRAOptions(AlgorithmOptions):
     # A dense |z_i|×|z_j| matrix is infeasible between two conv or locally-connected maps.
     map_synapse: Literal["conv", "lowrank", "dense"] = opt(
         "conv", "error synapses between two maps: conv (k×k on e_j resized to z_i's H×W) | lowrank (U Vᵀ) | dense")
-    # 1 (a per-position channel mix) is 0.87× BP's update time on ResNet-18 against 1.25× for k = 3,
-    # with 1/9 of the conv-synapse memory (results/perf/cpu.csv); the paper leaves conv synapses open.
+    # 1 (a per-position channel mix) is faster than k = 3 on ResNet-18 and needs 1/9 of the
+    # conv-synapse memory (results/perf/rlra.csv); the paper leaves conv synapses open.
     synapse_kernel: int = opt(1, "k of a conv error synapse (odd; 'same' padding)", ge=1)
     synapse_rank: int = opt(16, "r of a low-rank error synapse", ge=1)
     block_update: Literal["rlra", "local_bp"] = opt(
@@ -351,8 +320,8 @@ class LRAOptions(AlgorithmOptions):
     error_init: Literal[("unit", *FEEDBACK_INITS)] = opt(
         "gaussian", "error synapses: gaussian N(0, σ²) (the MLP protocol) | unit N(0, 1) (the ResNets) | xavier | kaiming | uniform")
     error_sigma: float = opt(0.05, "σ of the error synapses for gaussian/uniform (the paper tunes σ in [0.025, 0.1])", gt=0)
-    # Off by default: the first step compiles (~30 s cold, ~4 s from inductor's disk cache) and a new
-    # batch shape recompiles once; ~1.3× → ~1.0× BP's update time on 2 CPU cores (results/perf/cpu.csv).
+    # Off by default: the first step compiles (tens of seconds cold, a few from inductor's disk
+    # cache) and a new batch shape recompiles once; the speed-up is in results/perf/rlra.csv.
     compile: bool = opt(False, "torch.compile the closed-form update of a dense MLP (hash-neutral)")
 
     def check(self, cfg) -> None:
@@ -392,7 +361,7 @@ class RecursiveLRA(AlgorithmModule):
         self.state_rule = a.error_update == "state"
         self.map_synapse, self.block_update = a.map_synapse, a.block_update
         self.kernel, self.rank = a.synapse_kernel, a.synapse_rank
-        self.regions = (ResNetRegions(self.model, self.block_update) if _is_resnet(self.model)
+        self.regions = (ResNetRegions(self.model, self.block_update) if _is_resnet(structure_of(self.model))
                         else SequentialRegions(self.model))
         self.acts = self.regions.acts
         L = len(self.acts)
