@@ -45,6 +45,7 @@ def test_best_epoch_is_the_first_epoch_with_the_lowest_validation_error():
     assert best_epoch(rows) == {"best/val_err1": 12.5, "best/epoch": 2.0}
     assert best_epoch([{"train/err1": 1.0}]) == {}
 
+
 # --------------------------------------------------------------------------- bench/metrics, by hand
 
 def test_macro_scores_on_a_hand_made_confusion_matrix():

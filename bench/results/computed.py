@@ -112,3 +112,6 @@ def _gradient_ratio_cell(table: DictConfig, budget: str, row: str, column: str) 
     paper_row = OmegaConf.create(table.rows[row].get("paper") or {})
     return [_record(row, column, field, draws[str(key)], OmegaConf.select(paper_row, f"{column}.{field}", default=None))
             for field, key in table.metric.fields.items()]
+
+# grape-fig2 registers its computed table here (bench/results/forward_gradient.py).
+from bench.results import forward_gradient as _forward_gradient  # noqa: E402,F401
