@@ -46,7 +46,8 @@ def test_structure_names_real_modules_and_every_point(name, shape, ncls, opts):
     # every weight of the model sits in some step (no layer hidden from the view)
     # (a functional step is named after the module whose weights it applies)
     covered = {id(p) for s in steps for p in (s.module or modules.get(s.name, torch.nn.Module())).parameters()}
-    covered |= {id(p) for b in view.blocks if isinstance(b, (ResidualBlock, OpaqueBlock)) for p in b.module.parameters()}
+    covered |= {id(p) for b in [*view.blocks, *view.aside] if isinstance(b, (ResidualBlock, OpaqueBlock))
+                for p in b.module.parameters()}
     missing = [n for n, p in model.named_parameters() if id(p) not in covered]
     assert missing == [], missing
     assert view.points == {g: model.feedback_points(g) for g in ("micro", "macro")}

@@ -36,6 +36,7 @@ from torch import nn
 
 from bench.models.activations import make_activation
 from bench.models.base import MODELS, ZooModel
+from bench.models.structure import Block, OpaqueBlock, Stage, Step, Structure, role_of, typed_steps
 from bench.options import ACTIVATIONS, ClassVar, Literal, ModelOptions, opt
 
 
@@ -110,6 +111,25 @@ class FoldedNet(ZooModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.top(self.encode(x)))
+
+    def structure(self) -> Structure:
+        """The inference path (Eq. 8): stage ``f`` (the encoders f_1…f_K, each run as its module,
+        its leaf layers listed), stage ``b`` (the top bridge b_K), stage ``h`` (decoders h_K…h_2);
+        head h_1. The lower bridges and the g's train only: they are ``aside``."""
+        kinds = (nn.Linear, nn.Conv2d)
+
+        def opaque(name: str, module: nn.Module) -> OpaqueBlock:
+            leaves = [Step(f"{name}.{n}", role_of(m, kinds), m) for n, m in module.named_modules()
+                      if n and not any(True for _ in m.children())]
+            return OpaqueBlock(name, leaves, module=module)
+
+        top = len(self.b) - 1
+        decoders = [Block(f"h.{i}", typed_steps(f"h.{i}", self.h[i], kinds)) for i in range(self.K - 1, -1, -1)]
+        stages = [Stage("f", [opaque(f"f.{i}", f) for i, f in enumerate(self.f)]),
+                  Stage("b", [opaque(f"b.{top}", self.b[top])]), Stage("h", decoders[:-1])]
+        aside = [opaque(f"b.{i}", b) for i, b in enumerate(self.b) if i != top]
+        aside += [opaque(f"g.{i}", g) for i, g in enumerate(getattr(self, "g", ()))]
+        return Structure(pre=[], stages=stages, head=decoders[-1], points=dict(self._points), aside=aside)
 
     # ------------------------------------------------------------------ one component (§4.4)
     def component_losses(self, i: int, s_prev: torch.Tensor, t_prev: torch.Tensor):

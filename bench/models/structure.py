@@ -11,7 +11,8 @@ A :class:`Structure` is a small tree, input to output:
 * ``stages``: named groups of :class:`Block` s (a ResNet stage, a CNN's conv part), each with
   optional ``exit`` steps run after its last block (the flatten between conv and dense parts);
 * ``head``: the block holding the output layer (the classifier, and the pooling before it);
-* ``points``: the model's feedback points, ``{"micro": [...], "macro": [...]}``.
+* ``points``: the model's feedback points, ``{"micro": [...], "macro": [...]}``;
+* ``aside``: blocks with weights that the forward does not run (trained by a rule's own losses).
 
 A :class:`Block` is a list of :class:`Step` s, each a named module (or, where the model's forward
 applies a function, a named function) with a *role*: ``layer`` (the weight layer: Linear, Conv2d,
@@ -209,6 +210,8 @@ class Structure:
     stages: list[Stage]
     head: Block
     points: dict[str, list[str]]
+    # trained blocks off the forward path (Associated Learning's lower bridges and g's)
+    aside: list[Block] = field(default_factory=list)
 
     @property
     def blocks(self) -> list[Block]:
