@@ -276,12 +276,16 @@ class AlgorithmOptions(Options):
     weight_decay: float = opt(0.0, "L2 weight decay of the optimiser", ge=0)
     momentum: float = opt(0.0, "SGD momentum", ge=0, lt=1)
     betas: list[float] = opt([0.9, 0.999], "Adam's (β₁, β₂)", ge=0, lt=1)
-    scheduler: Literal["none", "step", "multistep", "plateau"] = opt("none", "learning-rate schedule")
+    scheduler: Literal["none", "step", "multistep", "plateau", "noam"] = opt(
+        "none", "learning-rate schedule; noam = lr·d_model^-0.5·min(t^-0.5, t·warmup^-1.5) per step (Vaswani et al. 2017)")
     step_size: int = opt(30, "step: epochs between decays", ge=1)
     gamma: float = opt(0.1, "step/multistep/plateau: learning-rate decay factor", gt=0, le=1)
     milestones: list[int] = opt([], "multistep: the epochs at which the learning rate decays", ge=1)
     patience: int = opt(5, "plateau: epochs without validation-loss improvement", ge=0)
     max_grad_norm: float | None = opt(None, "update re-projection Nm(Δ, c) per tensor (rec-LRA appendix); null = off", gt=0)
+    eps: float = opt(1.0e-8, "Adam/AdamW ε (Launay et al. 2020's language model: 1e-9)", gt=0)
+    clip_grad_norm: float | None = opt(None, "clip the global norm of all updates before the step (Launay et al. 2020's LM: 0.5); null = off", gt=0)
+    warmup: int = opt(4000, "noam: warmup steps (Launay et al. 2020's LM: 4000)", ge=1)
     granularity: Literal["micro", "macro"] = opt(
         "micro", "feedback points used by direct-projection rules and the probe: micro = after every "
                  "nonlinearity, macro = after every block")

@@ -212,9 +212,9 @@ class AlgorithmModule(L.LightningModule):
         # Fused kernels exist for CPU and CUDA float tensors and are the fastest implementation.
         fast = {"fused": True} if all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params) else {"foreach": True}
         if a.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay, **fast)
+            opt = torch.optim.Adam(params, lr=a.lr, betas=tuple(a.betas), eps=a.eps, weight_decay=a.weight_decay, **fast)
         elif a.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay, **fast)
+            opt = torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), eps=a.eps, weight_decay=a.weight_decay, **fast)
         elif a.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay, **fast)
         else:  # the declaration's choices (AlgorithmOptions.optimizer) are checked before the run starts
@@ -227,6 +227,8 @@ class AlgorithmModule(L.LightningModule):
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(a.milestones), gamma=a.gamma)
         elif a.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=a.gamma, patience=a.patience)
+        elif a.scheduler == "noam":  # stepped every optimizer step (training_step), lr = algorithm.lr × the Noam factor
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, noam_factor(int(self.cfg.model.get("n_embd", 512)), a.warmup))
         else:
             raise AssertionError(a.scheduler)
         return {"optimizer": opt, "lr_scheduler": sched}
@@ -262,10 +264,14 @@ class AlgorithmModule(L.LightningModule):
         self.after_backward()
         if self.max_grad_norm is not None:
             reproject_(self.parameters(), self.max_grad_norm)
+        if self.opts.clip_grad_norm is not None:  # Launay et al.'s LM: clip_grad_norm_(·, 0.5), after DDP's average
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.opts.clip_grad_norm)
         # Checked on the gradients the optimizer would get: a diverged step is never applied.
         if self.guard_every and batch_idx % self.guard_every == 0 and self._diverged(loss):
             return None
         opt.step()  # the alignment probe runs inside, at on_before_optimizer_step
+        if self.opts.scheduler == "noam":
+            self.lr_schedulers().step()
         self.after_step()
         self._queue_train(logits, y, loss)
         return None
@@ -296,7 +302,7 @@ class AlgorithmModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._log_train()
         sched = self.lr_schedulers()
-        if sched is None:
+        if sched is None or self.opts.scheduler == "noam":  # noam steps per optimizer step
             return
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             val_loss = self.trainer.callback_metrics.get("val/loss")
@@ -379,3 +385,12 @@ def reproject_(params, max_norm: float) -> None:
 def is_language_model(model: nn.Module) -> bool:
     """Token ids in, (B, T, V) logits out: the zoo's transformer (``input_dtype = torch.long``)."""
     return getattr(model, "input_dtype", None) is torch.long
+
+
+def noam_factor(d_model: int, warmup: int):
+    """The Noam schedule's multiplier at step t (1-based): d^-0.5 · min(t^-0.5, t · warmup^-1.5)
+    (Vaswani et al. 2017; Launay et al. 2020's NoamOpt with factor 1 when algorithm.lr = 1)."""
+    def factor(step: int) -> float:
+        t = step + 1  # LambdaLR counts from 0; the first update is step 1
+        return d_model ** -0.5 * min(t ** -0.5, t * warmup ** -1.5)
+    return factor

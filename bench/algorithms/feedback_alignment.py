@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
+import torch
+
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.replaced import convert_to_feedback, feedback_layers
 from bench.options import FEEDBACK_INITS, AlgorithmOptions, ClassVar, Literal, opt
@@ -31,8 +33,12 @@ class FeedbackAlignment(AlgorithmModule):
         if not self.converted:
             raise ValueError(f"fa: model {self.cfg.model.name} has no Linear/Conv2d layer to convert")
         self.layers = feedback_layers(self.model)
-        logging.getLogger(__name__).info("fa: converted %d layers of %s: %s", len(self.converted),
-                                         self.cfg.model.name, ", ".join(self.converted))
+        # Embeddings are lookups, not products with an input that a feedback matrix could replace:
+        # they keep their plain update (the rows of ∂L/∂E that the tokens select).
+        self.kept = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Embedding)]
+        logging.getLogger(__name__).info("fa: converted %d layers of %s: %s%s", len(self.converted),
+                                         self.cfg.model.name, ", ".join(self.converted),
+                                         f"; left as they are (Embedding): {', '.join(self.kept)}" if self.kept else "")
 
     @contextmanager
     def true_gradient(self):

@@ -137,6 +137,8 @@ class AlignmentProbe(SignFlipTracking):
         for point, s_rule, s_bp in zip(names, rule_signals, bp_signals):
             if s_rule is None or s_bp is None:
                 continue
+            if getattr(pl_module.model, "input_dtype", None) is torch.long:  # a language model, (B, T, d): one angle per token, mean and std over the batch's tokens
+                s_rule, s_bp = s_rule.reshape(-1, s_rule.shape[-1]), s_bp.reshape(-1, s_bp.shape[-1])
             angles = per_sample_angles_deg(s_rule, s_bp)
             values[f"align/signal/{point}"], values[f"align/signal_std/{point}"] = batch_mean_std(trainer, angles)
             # Launay et al. report the cosine itself (Tables 2 and 4): mean and std over the batch

@@ -291,12 +291,16 @@ def run_curves(cells: list[Cell], key: str, file: str = "probe.csv", x: str = "s
         if not path.exists():
             continue
         lines = per_cell.setdefault((c.row, c.column), {})
+        seen = 0.0  # x: tokens — training tokens seen by the end of each epoch (language models' data/tokens)
         for rec in read_csv(path):
+            if x == "tokens":
+                seen += float(rec.get("data/tokens") or 0.0)
             for k, v in rec.items():
                 if v in ("", None) or not (k == key or (key.endswith("/") and k.startswith(key))):
                     continue
                 name = k[len(key):] if key.endswith("/") else k
-                lines.setdefault(name, {}).setdefault(int(rec[x]) + (x == "epoch"), []).append(float(v))
+                at = int(seen) if x == "tokens" else int(rec[x]) + (x == "epoch")
+                lines.setdefault(name, {}).setdefault(at, []).append(float(v))
     # lines keep the CSV's column order, which is the model's forward order (input → output)
     return {cell: {name: [(step, statistics.fmean(vs)) for step, vs in sorted(points.items())]
                    for name, points in lines.items()}
@@ -328,8 +332,8 @@ def plot_curves(table: DictConfig, cells: list[Cell], out_dir: Path, spec: DictC
     only = [str(r) for r in spec.get("rows", None) or table.rows]
     # epochs are counted from 1 on the x axis (epoch 1 = after one pass), steps from 0
     x = str(spec.get("x", "step"))
-    if x not in ("step", "epoch"):
-        raise ValueError(f"figure x: {x!r}; valid choices: step, epoch")
+    if x not in ("step", "epoch", "tokens"):
+        raise ValueError(f"figure x: {x!r}; valid choices: step, epoch, tokens")
     curves = {k: v for k, v in run_curves(cells, key, str(spec.get("file", "probe.csv")), x).items() if k[0] in only}
     name = f"-{slug(spec.name)}" if spec.get("name") else ""
     panels: list[tuple[str, str, dict[str, list]]] = []  # (file stem, subtitle, {line label: points})
@@ -368,8 +372,10 @@ def draw_curves(table: DictConfig, spec: DictConfig, path: Path, subtitle: str, 
     for label, points in lines.items():
         ax.plot([s for s, _ in points], [v for _, v in points], lw=1.3, marker="o" if len(points) < 15 else None,
                 ms=3, label=label)
-    ax.set_xlabel(str(spec.get("x_label", "optimizer step" if x == "step" else "epoch")))
+    ax.set_xlabel(str(spec.get("x_label", {"step": "optimizer step", "tokens": "training tokens seen"}.get(x, "epoch"))))
     ax.set_ylabel(str(spec.get("y_label", key)))
+    if spec.get("log_y"):
+        ax.set_yscale("log")
     if x == "epoch":
         plots.integer_ticks(ax)
     if spec.get("ylim") is not None:
