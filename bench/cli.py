@@ -277,6 +277,14 @@ def cmd_options(args: argparse.Namespace) -> None:
     print(options.format_options(args.rule))
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from bench.run import leaderboard as lb
+
+    lb.load_workload(args.workload)  # one line for an unknown or malformed workload, before training
+    md = lb.run(args.workload, output_root=args.output_root, results=args.results)
+    print(f"wrote {md}, {md.with_suffix('.csv')} and {Path(args.results) / 'plots' / f'leaderboard-{args.workload}.png'}")
+
+
 def cmd_regress(args: argparse.Namespace) -> None:
     from bench.run.regress import main as regress_main
 
@@ -358,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, help="run one benchmark: 'core' or a name in bench/run/benchmarks/")
     p.set_defaults(func=cmd_perf)
 
+    p = sub.add_parser("leaderboard", help="time-to-target of every rule on a workload (configs/leaderboards/<id>.yaml)")
+    p.add_argument("workload", help="a workload id, e.g. rlra1-fmnist")
+    p.add_argument("--output-root", default=None, help="run folders root (default: output.root)")
+    p.add_argument("--results", default="results", help="where the leaderboard md, csv and png go")
+    p.set_defaults(func=cmd_leaderboard)
+
     p = sub.add_parser("options", help="a rule's options: types, ranges, defaults and descriptions")
     p.add_argument("rule", nargs="?", default=None, help="a rule name (configs/algorithm/<rule>.yaml)")
     p.add_argument("--readme", nargs="?", const="README.md", default=None,
@@ -367,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("regress", help="rerun the CI accuracy baselines and compare")
     p.add_argument("--baseline", default="results/baselines/cpu.json")
     p.add_argument("--write", action="store_true", help="measure and (re)write the baseline file")
+    p.add_argument("--only", nargs="+", default=None, help="with --write: measure these rules, keep the others' entries")
     p.set_defaults(func=cmd_regress)
     return parser
 

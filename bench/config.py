@@ -95,19 +95,27 @@ def trained_table_ids() -> list[str]:
     return [t for t in table_ids() if "compute" not in _load_yaml(CONFIG_DIR / "tables" / f"{t}.yaml")]
 
 
-def load_table(table_id: str) -> DictConfig:
-    path = CONFIG_DIR / "tables" / f"{table_id}.yaml"
+def load_spec(folder: str, kind: str, spec_id: str, allowed: set[str], required: tuple[str, ...]) -> DictConfig:
+    """``configs/<folder>/<spec_id>.yaml`` (a table, a leaderboard workload), its keys checked: one
+    line for an unknown id, an unknown or missing key, or an id that is not the file name."""
+    path = CONFIG_DIR / folder / f"{spec_id}.yaml"
     if not path.exists():
-        raise ConfigError(f"unknown table {table_id!r}; valid choices: {', '.join(table_ids())}")
-    table = _load_yaml(path)
-    unknown = set(table) - TABLE_KEYS
+        choices = sorted(p.stem for p in (CONFIG_DIR / folder).glob("*.yaml"))
+        raise ConfigError(f"unknown {kind} {spec_id!r}; valid choices: {', '.join(choices)}")
+    spec = _load_yaml(path)
+    unknown = set(spec) - allowed
     if unknown:
-        raise ConfigError(f"table {table_id}: unknown key {sorted(unknown)[0]!r}; valid keys: {', '.join(sorted(TABLE_KEYS))}")
-    for key in ("id", "title", "columns", "rows"):
-        if key not in table:
-            raise ConfigError(f"table {table_id}: missing key {key!r}")
-    if table.id != table_id:
-        raise ConfigError(f"table file {path.name} declares id {table.id!r}; it must equal the file name")
+        raise ConfigError(f"{kind} {spec_id}: unknown key {sorted(unknown)[0]!r}; valid keys: {', '.join(sorted(allowed))}")
+    for key in required:
+        if key not in spec:
+            raise ConfigError(f"{kind} {spec_id}: missing key {key!r}")
+    if spec.id != spec_id:
+        raise ConfigError(f"{kind} file {path.name} declares id {spec.id!r}; it must equal the file name")
+    return spec
+
+
+def load_table(table_id: str) -> DictConfig:
+    table = load_spec("tables", "table", table_id, TABLE_KEYS, ("id", "title", "columns", "rows"))
     for row, spec in table.rows.items():
         for column in (spec.get("columns") or []):
             if column not in table.columns:

@@ -1,6 +1,6 @@
 """The rule base class: one LightningModule per credit-assignment rule, manual optimization.
 
-The contract every rule keeps (DESIGN.md): the weight update reaches the optimizer as ``.grad``
+The contract every rule keeps (docs/architecture.md, "The .grad contract"): the weight update reaches the optimizer as ``.grad``
 and is produced by autograd inside ``manual_backward``. A rule therefore implements only
 
 * :meth:`setup_rule` — convert layers, build feedback matrices, hook feedback points;
@@ -31,6 +31,7 @@ from bench.options import AlgorithmOptions, declared
 from bench.registry import Registry
 
 RULES: Registry = Registry("algorithm")
+
 
 # Checkpoint keys under which rules wrote their noise stream before the registry existed
 # (checkpoint["noise_streams"]): old run folders resume through them. (key path, stream name).
@@ -77,7 +78,8 @@ class AlgorithmModule(L.LightningModule):
         self.opts: AlgorithmOptions = declared("algorithm", str(cfg.algorithm.name)).from_config(cfg.algorithm)
         self.tap = (PointTap(model, model.feedback_points(self.opts.granularity))
                     if hasattr(model, "feedback_points") else None)
-        # Hot-path settings as plain attributes: an OmegaConf lookup costs ~60 µs, a step ~1 ms.
+        # Hot-path settings as plain attributes: an OmegaConf lookup costs a noticeable share of a
+        # small model's step (docs/architecture.md, M5).
         self.probe_every = int(cfg.probe.every)
         self.probe_signals = bool(cfg.probe.signals)
         self.guard_every = int(cfg.guard.every)

@@ -36,7 +36,7 @@ authors' training script (bscellier/Towards-a-Biologically-Plausible-Backprop, `
 "choose the sign of beta at random"). The estimate's leading bias is odd in β, so it cancels on
 average over the two signs.
 
-How the update reaches ``.grad`` (DESIGN.md): the surrogate is the paper's own expression,
+How the update reaches ``.grad`` (docs/architecture.md, "The .grad contract"): the surrogate is the paper's own expression,
 
     S = (1/β) · mean_batch [ E_θ(stopgrad s^β) − E_θ(stopgrad s⁰) ],
 

@@ -1,7 +1,7 @@
 """Local representation alignment: recursive LRA (rec-LRA) and pairwise LRA-E.
 
 rec-LRA — Ororbia, Mali, Kifer & Giles, *Large-scale gradient-free deep learning with recursive
-local representation alignment* (file 000 in the papers folder), §3.2–3.3 and appendix
+local representation alignment*, 2020, arXiv:2002.03911, §3.2–3.3 and appendix
 Algorithms 1 and 2. The model is split into *regions* i (Algorithm 2), each with a pre-activation
 h_i (carrying a graph to the region's own parameters only), a post-activation z_i = φ_i(h_i) and
 a vector of error units e_i next to z_i. An *error-wiring graph* says which region's error units
@@ -81,7 +81,7 @@ LRA-E — Ororbia & Mali, *Biologically motivated algorithms for propagating loc
 representations*, AAAI 2019: the same targets and updates with pairwise synapses only
 (d_ℓ = E_{ℓ+1→ℓ} e_{ℓ+1} for every ℓ) and ΔE_{ℓ+1→ℓ} = γ z_ℓ e_{ℓ+1}ᵀ = γ (ΔW_{ℓ+1})ᵀ.
 
-How the update reaches ``.grad`` (DESIGN.md, "targets"): every region runs on its detached input,
+How the update reaches ``.grad`` (docs/architecture.md, "The .grad contract"): every region runs on its detached input,
 and the surrogate
 
     S = (1/B) Σ_i κ_i ⟨stopgrad(e_i), h_i⟩  +  (1/B) Σ_{j→i} ⟨stopgrad(s_i), E_{j→i}(stopgrad(e_j))⟩
@@ -526,8 +526,9 @@ class RecursiveLRA(AlgorithmModule):
         if self._hooks_need_the_backward():
             return _Deliver.apply(grads, *params), logits, loss
         # Nothing watches the backward (no DDP reducer, no fp16 loss scale): hand the updates over
-        # directly. Through the engine, 17 AccumulateGrad nodes cost ~0.45 ms of a ~6 ms step on
-        # the 2-core CPU; the returned surrogate is a bare leaf whose backward does nothing else.
+        # directly: through the engine, one AccumulateGrad node per parameter was a measurable share
+        # of the step (docs/architecture.md, M3); the returned surrogate is a bare leaf whose
+        # backward does nothing else.
         for p, g in zip(params, grads):
             if p.grad is not None:
                 p.grad.add_(g)
@@ -617,8 +618,8 @@ class RecursiveLRA(AlgorithmModule):
 
 
 def _outer_sum(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale · aᵀ b (rows summed). MKL's AᵀB is ~2.5× slower when B is narrow (an output error,
-    10 columns) than the same product taken as (BᵀA)ᵀ, so the narrow side goes first; the result
+    """scale · aᵀ b (rows summed). MKL's AᵀB is much slower when B is narrow (an output error,
+    10 columns; docs/architecture.md, M4) than the same product taken as (BᵀA)ᵀ, so the narrow side goes first; the result
     may then be a transposed view, which delivery copies into the parameter's layout."""
     if b.shape[1] < a.shape[1]:
         return torch.mm(b.t(), a).mul_(scale).t()

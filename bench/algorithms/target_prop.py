@@ -3,7 +3,7 @@
 Lee, Zhang, Fischer & Bengio, *Difference target propagation*, ECML-PKDD 2015 (Algorithm 1; the
 authors' code ``conti_dtp.py``), and Bartunov, Santoro, Richards, Marris, Hinton & Lillicrap,
 *Assessing the scalability of biologically-motivated deep learning algorithms and architectures*,
-NeurIPS 2018 (§2.1.2, Eq. 2, Algorithm 1). The rlra paper (file 000) quotes its "TP" rows from
+NeurIPS 2018 (§2.1.2, Eq. 2, Algorithm 1). The rlra paper (arXiv:2002.03911) quotes its "TP" rows from
 Bartunov et al. (ref. [5]): Table 2's 28.69/39.47 and Table 5's 98.34/94.56 are their
 "DTP, parallel" (CIFAR locally connected; ImageNet); Table 1's MNIST 0.00/1.86 is their 5×256
 "AO-SDTP, alternating" cell, its FMNIST cell comes from Ororbia & Mali 2019 (ref. [41]).
@@ -33,7 +33,7 @@ at batch 100 is η = 0.0033; defining η per example keeps the targets independe
 size and of how DDP splits it). Forward and inverse losses are minimised in parallel, one step
 each per batch (Bartunov's "parallel" schedule; Lee's code alternates whole epochs).
 
-How the update reaches ``.grad`` (DESIGN.md, "targets"): every layer runs on its detached input
+How the update reaches ``.grad`` (docs/architecture.md, "The .grad contract"): every layer runs on its detached input
 and the surrogate S = CE + Σ_ℓ L_ℓ + λ_inv Σ_ℓ L^inv_ℓ is differentiated once; each term reaches
 only its own layer's W_ℓ, b_ℓ or V_ℓ, c_ℓ. The inverses are this module's parameters
 (``inverses``), so the configured optimizer steps them, checkpoints hold them and DDP all-reduces

@@ -16,7 +16,7 @@ own weight matrix W_l (C_out × C_in·k·k) and bias b_l, applied to its own rec
 Implemented as ``F.unfold`` (all patches at once) and one batched matmul over positions
 (``torch.bmm``), never a Python loop over positions.
 
-``lcnet``: Bartunov et al.'s CIFAR-10 locally-connected network. The paper in our papers folder
+``lcnet``: Bartunov et al.'s CIFAR-10 locally-connected network. The rec-LRA paper (arXiv:2002.03911)
 does not restate it; from Bartunov et al.'s appendix table of architectures it is three LC layers
 ``(5×5, 64, stride 2), (5×5, 128, stride 2), (3×3, 256, stride 1)`` then a linear softmax
 classifier. Choices recorded here and in configs/model/lcnet.yaml, all overridable: "same"-style

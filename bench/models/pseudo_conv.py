@@ -1,8 +1,9 @@
 """Pseudo-convolution (perturbative layer) and pResNet-18 of the rlra paper.
 
 Pseudo-convolution — Juefei-Xu, Boddeti & Savvides, *Perturbative neural networks*, CVPR 2018,
-as the rlra paper (Ororbia, Mali, Kifer & Giles, file 000, §3.3 "Replacing Convolution with Fixed
-Perturbation") writes it:
+as the rlra paper (Ororbia, Mali, Kifer & Giles, *Large-scale gradient-free deep learning with
+recursive local representation alignment*, 2020, arXiv:2002.03911, §3.3 "Replacing Convolution with
+Fixed Perturbation") writes it:
 
     z_ℓ^c = Σ_{m=1}^{M} w_ℓ^m φ_r(z_{ℓ-1}^m + n_{ℓ-1}^m),   φ_r(v) = max(0, v)
 
@@ -242,9 +243,9 @@ class PResNet18(ZooModel):
     def forward(self, x):
         return self.net(x)
 
-
     def structure(self) -> Structure:
         """timm:resnet18's (the pseudo-convs are the blocks' conv1/conv2 layers)."""
         return resnet_structure(self.net, self._points)
+
 
 __all__ = ["PseudoConv2d", "PResNet18", "init_network"]

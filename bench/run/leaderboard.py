@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bench.config import CONFIG_DIR, ConfigError, _load_yaml, compose, config_hash
+from bench.config import CONFIG_DIR, ConfigError, compose, config_hash, load_spec
 from bench.results import plots
 from bench.results.io import read_csv, write_csv, write_text
 
@@ -37,18 +37,9 @@ def workload_ids() -> list[str]:
 
 
 def load_workload(workload: str):
-    path = CONFIG_DIR / "leaderboards" / f"{workload}.yaml"
-    if not path.exists():
-        raise ConfigError(f"unknown leaderboard workload {workload!r}; valid choices: {', '.join(workload_ids())}")
-    spec = _load_yaml(path)
-    unknown = set(spec) - LEADERBOARD_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; valid keys: {', '.join(sorted(LEADERBOARD_KEYS))}")
-    for key in ("id", "config", "target", "epochs"):
-        if key not in spec:
-            raise ConfigError(f"{path}: missing key {key!r}")
+    spec = load_spec("leaderboards", "leaderboard workload", workload, LEADERBOARD_KEYS, ("id", "config", "target", "epochs"))
     if set(spec.target) != {"metric", "at_most"}:
-        raise ConfigError(f"{path}: target must be {{metric: <metric.csv column>, at_most: <value>}}")
+        raise ConfigError(f"leaderboard workload {workload}: target must be {{metric: <metrics.csv column>, at_most: <value>}}")
     return spec
 
 
