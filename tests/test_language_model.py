@@ -367,6 +367,10 @@ def test_kill_and_resume_a_transformer_run_equals_the_uninterrupted_run(tmp_path
     finally:
         torch.set_num_threads(threads)
     assert reference["status"] == "finished" and reference["epochs_done"] == 4
+    # the run records the tokenizer it used, and its tokens/s and perplexities
+    assert reference["tokenizer"]["vocab_size"] == 300 and reference["tokenizer"]["tokenizer"] == "tokenizers bpe-bytelevel"
+    assert reference["last_epoch"]["time/tokens_per_s"] > 0 and reference["last_epoch"]["data/tokens"] % 16 == 0
+    assert reference["final"]["test/ppl"] == pytest.approx(math.exp(reference["final"]["test/loss"]), rel=1e-5)
     root = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", *args, f"output.root={root}"], env=cli_env(),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

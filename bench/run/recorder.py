@@ -151,6 +151,9 @@ class RunRecorder(Checkpoint):
             # replaced-backward rules report the layers they converted
             "converted_layers": list(getattr(pl_module, "converted", []) or []),
         }
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer:  # a text corpus: the tokenizer actually used (library and kind, vocabulary, config hash, file)
+            summary["tokenizer"] = dict(tokenizer)
         if error:
             summary["error"] = error
         if status == "diverged" and self.guard is not None and self.guard.record:
