@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUDGET ?= smoke
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+FORTUNES_DIR := /usr/share/games/fortunes
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help setup data test test-slow perf regress baseline readme
@@ -30,7 +31,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-data: ## install the embedded default dataset (Debian package dataset-fashion-mnist)
+data: ## install the embedded datasets (Debian packages dataset-fashion-mnist, and fortunes: the English text corpus)
+	@if [ -d $(FORTUNES_DIR) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq fortunes >/dev/null) \
+	  || echo "warning: could not install fortunes; the embedded text corpus (data.name=fortunes) will be unavailable"; \
+	fi
 	@if [ -d $(FMNIST_DIR) ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null \
