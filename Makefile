@@ -9,7 +9,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 FORTUNES_DIR := /usr/share/games/fortunes
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup data test test-slow perf regress baseline readme
+.PHONY: help setup data test test-slow perf regress baseline readme gpu-check
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -54,6 +54,9 @@ test-slow: setup ## run the slow tests too
 
 reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET), PARALLEL at a time (default 2), render results/<id>[.<budget>].md
 	$(PY) -m bench sweep $* --local --budget $(BUDGET) --parallel $(or $(PARALLEL),2)
+
+gpu-check: setup ## on a CUDA machine: every rule family on the GPU (fp32, bf16-mixed), perf ratios, DFA memory → results/perf/gpu.csv
+	$(PY) -m bench.run.gpu_check --out results/perf/gpu.csv
 
 perf: setup ## speed ratios against backprop, written to results/perf/cpu.csv
 	$(PY) -m bench perf --out results/perf/cpu.csv

@@ -356,12 +356,15 @@ class TrainerOptions(Options):
     max_steps: int = opt(-1, "stop after this many optimizer steps; -1 = no limit", ge=-1)
     deterministic: bool = opt(False, "torch deterministic algorithms")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default", ge=0)
+    pipeline: Literal["sequential", "pipelined"] = opt("sequential", "sequential: one process steps every component | pipelined: AL only, one worker per component group (bench/run/pipeline.py)")
 
     def check(self, cfg: Any) -> None:
         if self.devices == 0:
             raise ConfigError("trainer.devices=0 is not valid; expected a positive count or -1 (all)")
         if self.max_steps == 0:
             raise ConfigError("trainer.max_steps=0 is not valid; expected a positive count or -1 (no limit)")
+        if self.pipeline == "pipelined" and str(cfg.algorithm.name) != "al":
+            raise ConfigError(f"trainer.pipeline=pipelined runs the al rule only; algorithm.name={cfg.algorithm.name}")
 
 
 class ProbeOptions(Options):

@@ -257,7 +257,8 @@ def test_bad_settings_fail_with_one_line():
         loaded(normalize="zca")
     with pytest.raises(UnknownChoice, match="unknown dataset 'svhn'; valid choices: cifar10"):
         create_datamodule(make_cfg(name="svhn"))
-    assert DATASETS.names() == ["cifar10", "cifar100", "fmnist", "imagenet", "mnist", "synthetic"]
+    assert DATASETS.names() == ["cifar10", "cifar100", "fmnist", "fortunes", "imagenet", "mnist", "synthetic",
+                               "wikitext103", "wikitext2"]
 
 
 

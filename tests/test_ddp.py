@@ -1,4 +1,4 @@
-"""DDP equivalence on CPU (DESIGN.md): gloo with 2 processes at batch b must give the same weights
+"""DDP equivalence on CPU (docs/architecture.md): gloo with 2 processes at batch b must give the same weights
 as one process at batch 2b, for every registered rule, after 3 steps.
 
 With SGD the two agree to 1e-6: the only difference is the order in which float32 sums are taken
@@ -43,6 +43,8 @@ RULE_OVERRIDES: dict[str, list[str]] = {  # rule → extra overrides it needs on
     "lra_e": ["algorithm.beta=1.0", "algorithm.error_sigma=0.3"],
     # rule@variant: DFA with macro points, i.e. local BP inside each conv block (conv → tanh →
     # avg-pool) of a small CNN; the MLP's macro points are its micro points.
+    # Associated Learning trains only its folded models; lr 1 so that every sigmoid layer moves > 1e-4 in 3 steps.
+    "al": ["model.name=al_mlp", "model.width=8", "model.bridge=16", "algorithm.lr=1.0"],
     "dfa@macro": ["algorithm.granularity=macro", "model.name=cnn", "data.shape=[1,6,6]", "model.channels=[3,4]",
                   "model.kernel=3", "model.pool=avg", "model.hidden=[8]"],
 }

@@ -338,7 +338,13 @@ def one_step_or_refusal(rule: str, model_name: str):
     return None
 
 
-@pytest.mark.parametrize("model_name", sorted(MODELS.names()))
+# Full-size models take 5–16 s a step on 2 CPU cores; they run with -m slow (test_all_rules.py covers
+# every rule on the small instance of each model family in the fast suite).
+FAST_MODELS = {"mlp", "cnn", "lenet4", "lcnet", "transformer", "sfa_mnist"}
+
+
+@pytest.mark.parametrize("model_name", [m if m in FAST_MODELS else pytest.param(m, marks=pytest.mark.slow)
+                                        for m in sorted(MODELS.names())])
 @pytest.mark.parametrize("rule", ["grape", "pepita"])
 def test_every_zoo_model_trains_one_step_or_refuses_in_one_line(rule, model_name):
     refusal = one_step_or_refusal(rule, model_name)

@@ -50,6 +50,8 @@ def _measured(table_id: str, rows: list[dict], synthetic: set[str]) -> str:
         unit = str(table.get("metric", {}).get("unit", "") or "")
     except Exception:  # noqa: BLE001 - a results file whose table config went away still lists
         digits, unit = 2, ""
+    if rows and not {"field", "column", "row", "status", "measured_mean"} <= set(rows[0]):
+        return f"see [results/{table_id}.csv](results/{table_id}.csv) (a measurement, not a paper-vs-measured table)"
     fields = list(dict.fromkeys(r["field"] for r in rows))
     field = "test" if "test" in fields else (fields[0] if fields else None)
     parts = []

@@ -181,6 +181,10 @@ def train(run: RunPlan | DictConfig, run_dir: str | Path | None = None, retry_fa
         return summary
     if summary and summary["status"] == "failed" and not retry_failed:
         return summary
+    if cfg.trainer.pipeline == "pipelined":  # Associated Learning's pipelined trainer (its own launcher)
+        from bench.run.pipeline import train_pipelined
+
+        return train_pipelined(cfg, run_dir)
     saved = checkpoint_header(plan)
     quiet_lightning()
     if int(cfg.trainer.threads) > 0:
@@ -190,8 +194,15 @@ def train(run: RunPlan | DictConfig, run_dir: str | Path | None = None, retry_fa
     datamodule = create_datamodule(cfg.data, seed=int(cfg.seed))
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = create_model(cfg.model, datamodule.input_shape, datamodule.num_classes)
-    module = RULES.get(str(cfg.algorithm.name))(cfg, model, datamodule.num_classes, datamodule.input_shape)
+    try:
+        model = create_model(cfg.model, datamodule.input_shape, datamodule.num_classes)
+        module = RULES.get(str(cfg.algorithm.name))(cfg, model, datamodule.num_classes, datamodule.input_shape)
+    except (ValueError, NotImplementedError) as exc:
+        # A rule that is not defined on this model (or a model that cannot take this data) refuses
+        # while it is built, before any step: that is a config error, one line and exit status 2.
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{cfg.algorithm.name} on {cfg.model.name}: {str(exc).strip().splitlines()[0]}") from exc
 
     probe, timer, guard = AlignmentProbe(), EpochTimer(), DivergenceGuard()
     recorder = RunRecorder(plan, probe=probe, timer=timer, checkpoint=bool(cfg.output.checkpoint), guard=guard)
