@@ -55,12 +55,8 @@ def model_for(kind: type):
     raise AssertionError(f"no small zoo model in CANDIDATES has two hidden {kind.__name__} layers: add one")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny nets (ResNet-18 at batch 2): one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_registries_yield_the_known_pairs():

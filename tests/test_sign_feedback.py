@@ -21,14 +21,8 @@ from bench.results.io import read_csv
 from bench.run.train import train
 from conftest import angle, fixed, one_run_dir
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These nets are tiny (ResNet-18 at batch 2): on a shared 2-core machine two intra-op threads
-    # made a ResNet-18 step ~10× slower (6 s vs 0.6 s) than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny nets (ResNet-18 at batch 2): one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(small_cfg, rule, *overrides, shape=(3,), classes=2, depth=1, width=4, model=None):

@@ -22,24 +22,18 @@ are cumulative, so their ``metrics.csv`` value is the epoch's last, not its mean
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
 from bench.callbacks.sign_flips import SignFlipTracking
+from bench.feedback.restore import restoring
 from bench.metrics.alignment import angle_deg, norm_ratio, per_sample_angles_deg
 from bench.metrics.gradients import layer_weights, loss_gradients
 
 
-@contextmanager
 def preserved_buffers(model: torch.nn.Module):
-    saved = [(b, b.detach().clone()) for b in model.buffers() if b.dtype != torch.bool]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
+    """Every (non-mask) buffer of ``model`` restored on exit: the replay must not move BN statistics."""
+    return restoring(b for b in model.buffers() if b.dtype != torch.bool)
 
 
 def _sync(device: torch.device) -> None:

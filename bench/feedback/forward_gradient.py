@@ -51,6 +51,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from bench.feedback.noise import SharedNoise
+from bench.feedback.restore import restoring
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -86,17 +87,9 @@ def jvp_context():
         yield
 
 
-@contextmanager
 def preserved_norm_stats(model: nn.Module):
     """Restore every norm layer's running statistics on exit (an extra forward must not move them)."""
-    saved = [(b, b.detach().clone()) for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
+    return restoring(b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers())
 
 
 class ActivityPerturbation:
