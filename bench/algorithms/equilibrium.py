@@ -209,7 +209,9 @@ class EquilibriumPropagation(AlgorithmModule):
                 drives.append(d)
             if beta:
                 drives[-1] = drives[-1] + beta * (target - s[-1])
-            s = [torch.clamp(torch.lerp(sl, d, eps), 0.0, 1.0) for sl, d in zip(s, drives)]
+            # Under autocast (bf16-mixed) the Linear drives come out in bf16 while the states stay in
+            # their own dtype: the relaxation keeps the states' precision (make gpu-check found it).
+            s = [torch.clamp(torch.lerp(sl, d.to(sl.dtype), eps), 0.0, 1.0) for sl, d in zip(s, drives)]
         return s
 
     def free_phase(self, x: torch.Tensor) -> list[torch.Tensor]:
