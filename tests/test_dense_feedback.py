@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from bench.feedback.replaced import FeedbackLayer
 from conftest import fixed
-from test_sign_feedback import _one_thread, build  # noqa: F401 (_one_thread is a fixture)
+from test_sign_feedback import build
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: one torch thread (conftest)
 
 
 def test_dense_fa_update_equals_hand_computation_with_skips_from_every_downstream_layer(small_cfg):

@@ -30,12 +30,7 @@ REFUSED = {("dense_fa", "timm:resnet18"): r"needs a chain of layers.*branches",
            ("dense_fa", "timm:vgg16"): r"need \d+ MB > algorithm.max_feedback_mb"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # batch-2 steps: two threads on a shared 2-core box only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # batch-2 steps: one torch thread (conftest)
 
 
 def converts_the_mlp(rule: str) -> bool:

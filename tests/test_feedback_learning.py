@@ -3,13 +3,16 @@ B the forward weights, by hand and through Lightning. ``build`` and ``step`` are
 (tests/test_sign_feedback.py): ``step`` mimics ``AlgorithmModule.training_step`` hook for hook."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from bench.results.io import read_csv
 from bench.run.train import train
 from conftest import angle, load_state, one_run_dir
-from test_sign_feedback import _one_thread, build, step  # noqa: F401 (_one_thread is a fixture)
+from test_sign_feedback import build, step
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: one torch thread (conftest)
 
 
 def test_kp_feedback_approaches_W_on_a_regression_task(small_cfg):
