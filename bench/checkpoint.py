@@ -8,9 +8,9 @@ gets as a plugin. Both pass ``weights_only=True`` explicitly: an explicit ``True
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in the environment, which a ``None`` would not.
 
 The suite's own checkpoints hold only tensors, numbers, strings and plain containers (the run
-recorder stores NumPy's RNG state as lists for this reason), so :data:`SAFE_GLOBALS` (the
-classes added to torch's weights-only allowlist) is empty; a new entry must be a plain data
-class, never a callable that does work when it is called.
+recorder stores NumPy's RNG state as lists for this reason), so nothing is added to torch's
+weights-only allowlist; a class ever added there must be plain data, never a callable that does
+work when it is called.
 """
 from __future__ import annotations
 
@@ -23,10 +23,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from bench.config import ConfigError
 
-# Classes a suite checkpoint needs beyond torch's weights-only allowlist (none today; see above).
-SAFE_GLOBALS: list[type] = []
-if SAFE_GLOBALS:
-    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+# The suite's checkpoints hold only tensors and plain data, so torch's weights-only allowlist is
+# enough; a class a future checkpoint needs goes through torch.serialization.add_safe_globals here.
 
 
 class UnsafeCheckpoint(ConfigError):

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bench.options import SECTIONS, ConfigError, RunOptions, declared
+from bench.options import GROUP_BASES, SECTIONS, ConfigError, RunOptions, declared
 
 CONFIG_DIR = Path(os.environ.get("BENCH_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 GROUPS = ("algorithm", "model", "data", "trainer")
@@ -227,7 +227,7 @@ def check_constraints(cfg: DictConfig) -> None:
     """The declarations' cross-option checks (``Options.check``), on the composed config."""
     RunOptions.from_config({k: cfg[k] for k in RunOptions.specs()}).check(cfg)
     for section in ("algorithm", "model", *SECTIONS):
-        declared(section, str(cfg[section].get("name", ""))).from_config(cfg[section]).check(cfg)
+        declared(section, str(cfg[section].get("name", ""))).from_config(cfg[section]).check_all(cfg)
 
 
 # --------------------------------------------------------------------------- composition
@@ -295,7 +295,7 @@ def compose(table: str | None = None, row: str | None = None, column: str | None
     layers.append(("run keys", {"table": table, "row": row, "column": column, "budget": budget, "variant": variant_id}))
 
     # Group names can come from any layer, so find them first, then load their files.
-    names = {"algorithm": "bp", "model": "mlp", "data": "fmnist", "trainer": "cpu"}
+    names = {group: str(GROUP_BASES[group].specs()["name"].default) for group in GROUPS}
     for _, layer in layers:
         for group in GROUPS:
             name = OmegaConf.select(OmegaConf.create(layer or {}), f"{group}.name", default=None) \

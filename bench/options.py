@@ -78,7 +78,14 @@ class Options:
 
     def check(self, cfg: Any) -> None:
         """Constraints between options, or between these options and the rest of the config
-        (``cfg``, the composed DictConfig). Raise :class:`ConfigError` with one line."""
+        (``cfg``, the composed DictConfig). Raise :class:`ConfigError` with one line. A subclass
+        checks only its own options: :meth:`check_all` runs every class's ``check`` (no ``super()``)."""
+
+    def check_all(self, cfg: Any) -> None:
+        """Every ``check`` of the declaration's class hierarchy, base first, each once."""
+        for klass in reversed(type(self).__mro__):
+            if "check" in vars(klass):
+                vars(klass)["check"](self, cfg)
 
     @classmethod
     def specs(cls) -> dict[str, "Spec"]:

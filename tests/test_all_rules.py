@@ -137,14 +137,11 @@ def one_lightning_step(module, x, y):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _quiet_and_one_thread():
+def _quiet_and_one_thread(one_thread):
+    """Tiny steps: one torch thread (conftest.one_thread), and Lightning's advice silenced."""
     from bench.run.train import quiet_lightning
 
     quiet_lightning()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny steps: two threads on a shared 2-core box only contend
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("rule, model", [_param(r, m) for r in RULES.names() for m in MODELS.names()])

@@ -24,10 +24,8 @@ from conftest import load_state, run_dirs
 
 
 def train_fn():
-    try:
-        from bench.run.train import train
-    except ImportError:  # before the run package existed
-        from bench.train import train
+    from bench.run.train import train
+
     return train
 
 
@@ -214,17 +212,20 @@ def test_convolution_update_is_conv2d_weight_of_the_projected_error():
     torch.testing.assert_close(conv.weight.grad, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_perturbations_are_the_global_draw_sliced_per_rank():
+def test_perturbations_are_the_global_draw_sliced_per_rank(monkeypatch):
     """What DDP equivalence means for the estimator: rank r of R, holding rows [r·n, (r+1)·n) of the
     global batch, draws exactly those rows of the perturbation one process draws for the batch."""
     model = tanh_net(torch.float32)
     names = model.feedback_points("micro")
     full = ActivityPerturbation(model, names, SharedNoise(9))
     halves = []
+    import bench.feedback.noise as noise
+
     for rank in range(2):
         p = ActivityPerturbation(model, names, SharedNoise(9))
-        p.rank, p.world = rank, 2
+        monkeypatch.setattr(noise, "rank_and_world", lambda rank=rank: (rank, 2))
         halves.append(p.draw(torch.zeros(3, 6)))
+    monkeypatch.setattr(noise, "rank_and_world", lambda: (0, 1))
     whole = full.draw(torch.zeros(6, 6))
     torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
 

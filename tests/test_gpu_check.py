@@ -42,8 +42,9 @@ def test_without_cuda_the_full_run_refuses_in_one_line(capsys):
 @pytest.mark.slow
 def test_toy_run_of_every_rule_on_every_model_kind(tmp_path):
     out = tmp_path / "gpu.csv"
-    gpu_check.main(["--toy", "--only", "steps", "--out", str(out)])
+    status = gpu_check.main(["--toy", "--only", "steps", "--out", str(out)])
     rows = _rows(out)
+    assert rows and status == 0
     failed = [r for r in rows if r["status"] == "FAILED"]
     assert not failed, failed[:5]
     assert {r["status"] for r in rows} <= {"ok", "refused"}

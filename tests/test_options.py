@@ -237,3 +237,13 @@ def test_a_rule_refusing_a_model_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-500:]
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: dtp on cnn: ") and "sequential mlp" in proc.stderr
+
+
+@pytest.mark.parametrize("rule", ["eprop", "lra_e", "rlra", "dfa", "pepita"])
+def test_shared_checks_run_for_rules_with_their_own(rule):
+    """Options.check_all runs the shared AlgorithmOptions.check too, even where a rule declares its
+    own check (before, eprop/lra_e/rlra accepted decreasing milestones and three betas)."""
+    with pytest.raises(ConfigError, match=r"^algorithm\.milestones=\[60, 40\] is not valid"):
+        compose(overrides=[f"algorithm.name={rule}", "algorithm.milestones=[60,40]"])
+    with pytest.raises(ConfigError, match=r"^algorithm\.betas=.*expected two values"):
+        compose(overrides=[f"algorithm.name={rule}", "algorithm.betas=[0.9,0.99,0.999]"])

@@ -26,7 +26,9 @@ from torch import nn
 
 from bench.feedback.noise import SharedNoise
 from bench.feedback.points import PointTap
+from bench.feedback.restore import replaying
 from bench.metrics.classification import macro_scores
+from bench.models.base import is_language_model
 from bench.options import AlgorithmOptions, declared
 from bench.registry import Registry
 
@@ -54,15 +56,9 @@ class ProbeStep:
     cpu_rng: torch.Tensor
     cuda_rng: torch.Tensor | None
 
-    @contextmanager
     def replayed_rng(self):
         """Run the body from this step's RNG state; the global RNG is left as it was."""
-        device = self.x.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.set_rng_state(self.cpu_rng)
-            if self.cuda_rng is not None:
-                torch.cuda.set_rng_state(self.cuda_rng, device)
-            yield
+        return replaying((self.cpu_rng, self.cuda_rng), self.x.device)
 
 
 class AlgorithmModule(L.LightningModule):
@@ -264,13 +260,14 @@ class AlgorithmModule(L.LightningModule):
         if self.tap is not None and not self._probe_requested:
             self.tap.clear()  # drop references to this step's activations; the probe clears its own
         self.after_backward()
+        # Checked before re-projection and clipping, which would spread one non-finite gradient over
+        # every parameter (and hide which one it was); a diverged step is never applied.
+        if self.guard_every and batch_idx % self.guard_every == 0 and self._diverged(loss):
+            return None
         if self.max_grad_norm is not None:
             reproject_(self.parameters(), self.max_grad_norm)
         if self.opts.clip_grad_norm is not None:  # Launay et al.'s LM: clip_grad_norm_(·, 0.5), after DDP's average
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.opts.clip_grad_norm)
-        # Checked on the gradients the optimizer would get: a diverged step is never applied.
-        if self.guard_every and batch_idx % self.guard_every == 0 and self._diverged(loss):
-            return None
         opt.step()  # the alignment probe runs inside, at on_before_optimizer_step
         if self.opts.scheduler == "noam":
             self.lr_schedulers().step()
@@ -382,11 +379,6 @@ def reproject_(params, max_norm: float) -> None:
     norms = torch._foreach_norm(grads)
     for g, n in zip(grads, norms):
         g.mul_(torch.clamp(max_norm / (n + 1e-12), max=1.0))
-
-
-def is_language_model(model: nn.Module) -> bool:
-    """Token ids in, (B, T, V) logits out: the zoo's transformer (``input_dtype = torch.long``)."""
-    return getattr(model, "input_dtype", None) is torch.long
 
 
 def noam_factor(d_model: int, warmup: int):

@@ -46,7 +46,6 @@ class DirectOptions(AlgorithmOptions):
                   "hidden = ∂L/∂(input of the output projection lm_head), per token (Launay et al. 2020's default)")
 
     def check(self, cfg) -> None:
-        super().check(cfg)
         if self.error_at == "hidden":
             if self.name == "drtp":
                 raise ConfigError("algorithm.error_at=hidden is not valid for drtp: DRTP projects the one-hot target, "

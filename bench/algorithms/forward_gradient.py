@@ -69,6 +69,7 @@ from bench.feedback.forward_gradient import (ActivityPerturbation, all_reduce_su
 from bench.feedback.noise import SharedNoise
 from bench.models.base import point_sizes
 from bench.options import AlgorithmOptions, ClassVar, Literal, opt
+from bench.feedback.restore import replaying, rng_state
 
 
 class GrAPEOptions(AlgorithmOptions):
@@ -111,7 +112,6 @@ class GrAPE(AlgorithmModule):
         self._recycled: list[torch.Tensor] | None = None
         self._recycle_steps = 0
         self._calibrate_now = False
-        self.last_cos: list[float] = []
         self.register_buffer("_cos_sums", torch.zeros(len(sizes) + 1), persistent=False)  # per point, then count
 
     # ------------------------------------------------------------------ feedback matrices
@@ -139,7 +139,7 @@ class GrAPE(AlgorithmModule):
                 for vs in zip(*perturbations)]
 
     @torch.no_grad()
-    def update_feedback(self, stats: list[torch.Tensor]) -> list[float]:
+    def update_feedback(self, stats: list[torch.Tensor]) -> list[torch.Tensor]:
         """One step of every B_i on 1 − cos (or Eq. 6 as printed), the appendix's noise, and the
         rescaling to the initial norm. Returns the cosines measured before the step."""
         a: GrAPEOptions = self.opts
@@ -168,7 +168,7 @@ class GrAPE(AlgorithmModule):
                 else:
                     grad = (1.0 - cos) * b
                 b = b - a.b_lr * grad
-                cosines.append(float(cos))
+                cosines.append(cos.detach())  # 0-dim tensors: no device sync on the step
             else:
                 t = stats[i]
                 bn, tn = b.norm(dim=0).clamp_min(1e-30), t.norm(dim=0).clamp_min(1e-30)
@@ -178,7 +178,7 @@ class GrAPE(AlgorithmModule):
                 else:
                     grad = (1.0 - cos) * b
                 b = b - a.b_lr * grad
-                cosines.append(float(cos.mean()))
+                cosines.append(cos.mean().detach())
             if a.b_noise > 0:
                 gen = self.feedback_noise.generator(b.device)
                 rms = b.norm() / math.sqrt(b.numel())
@@ -188,8 +188,7 @@ class GrAPE(AlgorithmModule):
             else:
                 b = b * (norm0 / b.norm(dim=0).clamp_min(1e-30))
             self._store(i, b)
-        self.last_cos = cosines
-        self._cos_sums[:n] += torch.tensor(cosines, device=self._cos_sums.device)
+        self._cos_sums[:n] += torch.stack(cosines).to(self._cos_sums)
         self._cos_sums[n] += 1
         return cosines
 
@@ -215,7 +214,7 @@ class GrAPE(AlgorithmModule):
             loss = self.loss_fn(logits, y)
             return loss, logits, loss
         a: GrAPEOptions = self.opts
-        rng = torch.get_rng_state()
+        rng = rng_state(x.device)
         logits, tangent, points, vs = self.forward_gradient_pass(x, cut=True)
         if self.tap.capture:  # the probe reads each point's teaching signal on the tensors the surrogate uses
             self.tap.outputs = list(points)
@@ -225,10 +224,8 @@ class GrAPE(AlgorithmModule):
         if a.jvps > 1:
             with torch.no_grad(), preserved_norm_stats(self.model):
                 for _ in range(a.jvps - 1):
-                    after = torch.get_rng_state()
-                    torch.set_rng_state(rng)  # the training pass's dropout masks
-                    _, t, _, v = self.forward_gradient_pass(x, cut=False)
-                    torch.set_rng_state(after)
+                    with replaying(rng, x.device):  # the training pass's dropout masks
+                        _, t, _, v = self.forward_gradient_pass(x, cut=False)
                     tangents.append(t)
                     perturbations.append(v)
         estimates = None

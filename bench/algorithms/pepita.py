@@ -53,6 +53,7 @@ from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.forward_gradient import preserved_norm_stats
 from bench.feedback.noise import SharedNoise
 from bench.options import AlgorithmOptions, ClassVar, ConfigError, Literal, opt
+from bench.feedback.restore import replaying, rng_state
 
 SUPPORTED_MODELS = ("mlp",)
 
@@ -70,7 +71,6 @@ class PEPITAOptions(AlgorithmOptions):
     normalize_activity: bool = opt(False, "divide every hidden activity by its norm over the batch (Srinivasan et al. 2023)")
 
     def check(self, cfg: Any) -> None:
-        super().check(cfg)
         model, supported = str(cfg.model.name), ("mlp",)  # SUPPORTED_MODELS (the scanned body sees only literals)
         if model not in supported:
             raise ConfigError(f"algorithm.name=pepita is not supported on model.name={model}: PEPITA is defined for "
@@ -143,18 +143,15 @@ class PEPITA(AlgorithmModule):
     @torch.no_grad()
     def updates(self, x: torch.Tensor, y: torch.Tensor):
         """(logits, loss, [(ΔW_l, Δb_l)] per Linear) of one PEPITA step on (x, y), nothing applied."""
-        rng = torch.get_rng_state()
+        rng = rng_state(x.device)
         with (self.tap.settings(capture=False) if self.tap is not None else torch.no_grad()):
             logits, _, h = self._pass(x)
             loss = self.loss_fn(logits, y)
             onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
             e = torch.softmax(logits, -1) - onehot
             x_err = x - e.mm(self.input_feedback_matrix().t()).reshape_as(x)
-            after = torch.get_rng_state()
-            torch.set_rng_state(rng)  # the same dropout masks in both passes
-            with preserved_norm_stats(self.model):
+            with replaying(rng, x.device), preserved_norm_stats(self.model):  # the same dropout masks in both passes
                 logits_err, inputs_err, h_err = self._pass(x_err)
-            torch.set_rng_state(after)
         e_err = torch.softmax(logits_err, -1) - onehot
         out_error = e_err if self.opts.output_error == "modulated" else e
         n = x.shape[0]

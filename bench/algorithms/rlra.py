@@ -338,7 +338,6 @@ class RlraOptions(LRAOptions):
     alpha_depth1: float = opt(1.0, "elastic α_e of units fed by a skip synapse from the output (appendix: 0.19); 1 = plain", gt=0)
 
     def check(self, cfg) -> None:
-        super().check(cfg)
         if cfg.model.name == "mlp" and self.skip_gap > int(cfg.model.depth):
             raise ConfigError(f"algorithm.skip_gap={self.skip_gap} is not valid; the mlp has {cfg.model.depth} hidden "
                               f"layers, so a gap above {cfg.model.depth} wires no skip synapse (use 1…{cfg.model.depth})")

@@ -95,13 +95,6 @@ class DTPOptions(AlgorithmOptions):
     inverse_sigma: float = opt(0.05, "σ for inverse_init: gaussian (the rlra-1 σ)", gt=0)
 
 
-def global_slice() -> tuple[int, int]:
-    """(world size, rank) of the process group, (1, 0) outside DDP."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
 @RULES.register("dtp")
 class DifferenceTargetProp(AlgorithmModule):
     """DTP (Lee et al. 2015; Bartunov et al. 2018 Eq. 2) on the zoo MLP; see the module docstring."""
@@ -200,11 +193,7 @@ class DifferenceTargetProp(AlgorithmModule):
 
     def corruption(self, like: torch.Tensor) -> torch.Tensor:
         """ε ~ N(0, σ²) for this rank's rows, drawn for the whole global batch from the shared stream."""
-        world, rank = global_slice()
-        rows = like.shape[0]
-        gen = self.noise.generator(like.device)
-        eps = torch.randn((world * rows, *like.shape[1:]), generator=gen, device=like.device, dtype=like.dtype)
-        return eps[rank * rows:(rank + 1) * rows] * self.noise_sigma
+        return self.noise.randn_rows(like) * self.noise_sigma
 
     def inverse_losses(self, layers) -> dict[int, torch.Tensor]:
         """L^inv_ℓ = mean_n ‖g_ℓ(f_ℓ(c)) − c‖², c = z_{ℓ-1} + ε (or − z_{ℓ-1} when denoising).

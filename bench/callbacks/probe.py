@@ -29,6 +29,7 @@ from bench.callbacks.sign_flips import SignFlipTracking
 from bench.feedback.restore import restoring
 from bench.metrics.alignment import angle_deg, norm_ratio, per_sample_angles_deg
 from bench.metrics.gradients import layer_weights, loss_gradients
+from bench.models.base import is_language_model
 
 
 def preserved_buffers(model: torch.nn.Module):
@@ -131,7 +132,7 @@ class AlignmentProbe(SignFlipTracking):
         for point, s_rule, s_bp in zip(names, rule_signals, bp_signals):
             if s_rule is None or s_bp is None:
                 continue
-            if getattr(pl_module.model, "input_dtype", None) is torch.long:  # a language model, (B, T, d): one angle per token, mean and std over the batch's tokens
+            if is_language_model(pl_module.model):  # (B, T, d): one angle per token, mean and std over the batch's tokens
                 s_rule, s_bp = s_rule.reshape(-1, s_rule.shape[-1]), s_bp.reshape(-1, s_bp.shape[-1])
             angles = per_sample_angles_deg(s_rule, s_bp)
             values[f"align/signal/{point}"], values[f"align/signal_std/{point}"] = batch_mean_std(trainer, angles)

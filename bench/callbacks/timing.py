@@ -13,6 +13,8 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from bench.models.base import is_language_model
+
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -50,9 +52,8 @@ class EpochTimer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._end = self._now(pl_module)
         self._steps.append(self._end - self._batch_start - (pl_module.probe_seconds - self._probe_at_batch))
-        x, y = batch
-        if not x.is_floating_point() and y.dim() == 2:
-            self._tokens += y.numel()
+        if is_language_model(pl_module.model):
+            self._tokens += batch[1].numel()
 
     def on_train_epoch_end(self, trainer, pl_module):
         probe_s = pl_module.probe_seconds - self._probe_at_start

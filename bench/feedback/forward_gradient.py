@@ -50,20 +50,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from bench.feedback.noise import SharedNoise
+from bench.feedback.noise import SharedNoise, rank_and_world
 from bench.feedback.restore import restoring
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
     """Sum tensors over DDP ranks in place (one flat all-reduce); nothing without a process group."""
-    rank, world = dist_rank_world()
+    _, world = rank_and_world()
     if world == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -110,7 +103,6 @@ class ActivityPerturbation:
         self.cut = False
         self.points: list[torch.Tensor] = []          # attached primals h_l (cut mode)
         self.perturbations: list[torch.Tensor] = []   # v_l, one per point, in forward order
-        self.rank, self.world = 0, 1
         self._handles = [modules[n].register_forward_hook(self._hook) for n in self.names]
 
     def remove(self) -> None:
@@ -121,17 +113,13 @@ class ActivityPerturbation:
     def start(self, cut: bool) -> None:
         self.points, self.perturbations = [], []
         self.cut, self.active = bool(cut), True
-        self.rank, self.world = dist_rank_world()
 
     def stop(self) -> None:
         self.active = False
 
     def draw(self, like: torch.Tensor) -> torch.Tensor:
         """N(0, I) shaped like ``like`` (rows = local batch), sliced out of a global-batch draw."""
-        n = like.shape[0]
-        gen = self.noise.generator(like.device)
-        full = torch.randn((n * self.world, *like.shape[1:]), generator=gen, device=like.device, dtype=like.dtype)
-        return full[self.rank * n:(self.rank + 1) * n] if self.world > 1 else full
+        return self.noise.randn_rows(like)
 
     def _hook(self, module, inputs, output):
         if not self.active:

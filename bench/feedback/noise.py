@@ -30,3 +30,19 @@ class SharedNoise:
 
     def load(self, state: torch.Tensor | None) -> None:
         self._generator, self._pending = None, state
+
+    def randn_rows(self, like: torch.Tensor) -> torch.Tensor:
+        """N(0, I) shaped like ``like`` (its rows: this rank's part of the batch), drawn for the whole
+        global batch and sliced to this rank's rows, so DDP ranks draw what one process draws."""
+        rank, world = rank_and_world()
+        rows = like.shape[0]
+        full = torch.randn((world * rows, *like.shape[1:]), generator=self.generator(like.device),
+                           device=like.device, dtype=like.dtype)
+        return full[rank * rows:(rank + 1) * rows] if world > 1 else full
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -150,10 +150,6 @@ class FoldedNet(ZooModel):
     def component_modules(self, i: int) -> dict[str, nn.Module]:
         return {"f": self.f[i], "b": self.b[i], "g": self.g[i], "h": self.h[i]}
 
-    def component_of(self, name: str) -> int:
-        """The component index of a parameter name ``f.2.0.weight`` → 2."""
-        return int(name.split(".")[1])
-
     def effective_names(self) -> list[str]:
         """Parameters of Eq. 8: the f's, the h's and the last bridge (§4.5)."""
         top = f"b.{len(self.b) - 1}."
@@ -163,10 +159,6 @@ class FoldedNet(ZooModel):
         eff = set(self.effective_names())
         return [n for n, _ in self.named_parameters() if n not in eff]
 
-    def convertible_layers(self) -> list[str]:
-        """Only the inference path's layers (other rules train ``forward``, which is Eq. 8)."""
-        eff = {n.rsplit(".", 1)[0] for n in self.effective_names()}
-        return [n for n, m in self.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n in eff]
 
 
 def _shapes(fs: list[nn.Module], input_shape) -> list[tuple[int, ...]]:

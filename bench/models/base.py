@@ -90,3 +90,8 @@ def point_sizes(model: ZooModel, input_shape: tuple[int, ...], granularity: str 
             h.remove()
     rows = logits.numel() // logits.shape[-1]
     return {name: outputs[name].numel() // rows for name in model.feedback_points(granularity)}
+
+
+def is_language_model(model) -> bool:
+    """Token ids in, (B, T, V) logits out: the zoo's transformer (``input_dtype = torch.long``)."""
+    return getattr(model, "input_dtype", None) is torch.long

@@ -277,38 +277,22 @@ def run_worker(rank: int, world: int, cfg: DictConfig, run_dir: Path, groups: li
         for i in range(group[0]):
             probe = model.f[i](probe)
     s_shape, t_shape = probe.shape, (B, classes if group[0] == 0 else int(model.g[0][0].out_features))
-    last = rank == world - 1
     for epoch in range(first_epoch, epochs):
         if 0 <= max_steps <= step:
             break
         start = time.perf_counter()
         batches = min(n_batches, max_steps - step) if max_steps > 0 else n_batches
         it = iter(_loader(dm, dm.train, True, epoch)) if rank == 0 else None
-        pending_recv = None
-        if rank > 0:
-            pending_recv = _post_recv(s_shape, t_shape, device, rank - 1)
-        sends: list = []
         worker.sums.zero_()
         worker.batches = 0
-        for k in range(batches):
-            if rank == 0:
-                x, y = next(it)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                s_in, t_in = x, onehot(y, classes, x)
-            else:
-                (s_in, t_in), works = pending_recv
-                for w in works:
-                    w.wait()
-                pending_recv = _post_recv(s_shape, t_shape, device, rank - 1) if k + 1 < batches else None
-            s, t, total = worker.forward(s_in, t_in)
-            if not last:
-                for w in sends:
-                    w.wait()
-                sends = [dist.isend(s.contiguous(), rank + 1), dist.isend(t.contiguous(), rank + 1)]
-            worker.update(total)
+
+        def first_inputs(k):
+            x, y = next(it)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            return x, onehot(y, classes, x)
+
+        stream_batches(worker, rank, world, first_inputs, batches, s_shape, t_shape, device)
         worker.drain()
-        for w in sends:
-            w.wait()
         step += batches
         train_s = time.perf_counter() - start
         payload = {"state": group_state(model, group), "optim": _cpu(worker.optimizer.state_dict()),
@@ -339,6 +323,36 @@ def run_worker(rank: int, world: int, cfg: DictConfig, run_dir: Path, groups: li
             final.update({f"{name}/{k}": v for k, v in evaluate(model, _loader(dm, split, False), classes, device).items()})
         final.update({k[:-4] + "acc1": 100.0 - v for k, v in list(final.items()) if k.endswith("/err1")})
         _write_summary(run_dir, cfg, rows, "finished", final, world, groups, device)
+
+
+def stream_batches(worker: GroupTrainer, rank: int, world: int, first_inputs, n: int, s_shape, t_shape, device,
+                   on_batch=None) -> None:
+    """``n`` mini-batches through this worker, the one loop every pipelined run and benchmark uses.
+
+    Rank 0 takes (s_0, t_0) from ``first_inputs(k)``; every later rank receives them from rank − 1,
+    with the next receive posted before this batch's compute so the transfer overlaps it. The
+    outputs go to rank + 1 (nothing goes upstream), then the worker updates. ``on_batch(k)`` runs
+    before batch k (a benchmark starts its clock there). Returns when the last send completed."""
+    pending = _post_recv(s_shape, t_shape, device, rank - 1) if rank > 0 else None
+    sends: list = []
+    for k in range(n):
+        if on_batch is not None:
+            on_batch(k)
+        if rank == 0:
+            s_in, t_in = first_inputs(k)
+        else:
+            (s_in, t_in), works = pending
+            for w in works:
+                w.wait()
+            pending = _post_recv(s_shape, t_shape, device, rank - 1) if k + 1 < n else None
+        s, t, total = worker.forward(s_in, t_in)
+        if rank < world - 1:
+            for w in sends:
+                w.wait()
+            sends = [dist.isend(s.contiguous(), rank + 1), dist.isend(t.contiguous(), rank + 1)]
+        worker.update(total)
+    for w in sends:
+        w.wait()
 
 
 def _post_recv(s_shape, t_shape, device, src: int):

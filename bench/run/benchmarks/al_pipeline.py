@@ -93,7 +93,7 @@ def _sync(device) -> None:
 
 
 def _pipe_worker(rank, world, port, K, batches, warmup, device_kind, out):
-    from bench.run.pipeline import GroupTrainer, _post_recv, onehot
+    from bench.run.pipeline import GroupTrainer, onehot, stream_batches
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -106,30 +106,20 @@ def _pipe_worker(rank, world, port, K, batches, warmup, device_kind, out):
     worker = GroupTrainer(model, [rank], _opts(), 0)
     data = _data(batches + warmup, device) if rank == 0 else None
     s_shape, t_shape = (BATCH, WIDTH), (BATCH, 10 if rank == 0 else WIDTH)
-    pending = _post_recv(s_shape, t_shape, device, rank - 1) if rank > 0 else None
-    sends = []
-    n = batches + warmup
-    dist.barrier()
-    for k in range(n):
+    clock = {}
+
+    def first_inputs(k):
+        x, y = data[k]
+        return x, onehot(y, 10, x)
+
+    def on_batch(k):
         if k == warmup:
             _sync(device)
-            start = time.perf_counter()
-        if rank == 0:
-            x, y = data[k]
-            s_in, t_in = x, onehot(y, 10, x)
-        else:
-            (s_in, t_in), works = pending
-            for w in works:
-                w.wait()
-            pending = _post_recv(s_shape, t_shape, device, rank - 1) if k + 1 < n else None
-        s, t, total = worker.forward(s_in, t_in)
-        if rank < world - 1:
-            for w in sends:
-                w.wait()
-            sends = [dist.isend(s.contiguous(), rank + 1), dist.isend(t.contiguous(), rank + 1)]
-        worker.update(total)
-    for w in sends:
-        w.wait()
+            clock["start"] = time.perf_counter()
+
+    dist.barrier()
+    stream_batches(worker, rank, world, first_inputs, batches + warmup, s_shape, t_shape, device, on_batch)
+    start = clock["start"]
     _sync(device)
     dist.barrier()  # every worker done with its last mini-batch
     elapsed = torch.tensor([time.perf_counter() - start])
@@ -238,7 +228,7 @@ def _two_workers_four_components(batches, warmup) -> float:
 
 
 def _group_worker(rank, world, port, batches, warmup, out):
-    from bench.run.pipeline import GroupTrainer, _post_recv, onehot
+    from bench.run.pipeline import GroupTrainer, onehot, stream_batches
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -246,28 +236,19 @@ def _group_worker(rank, world, port, batches, warmup, out):
     model = _model(4)
     worker = GroupTrainer(model, [0, 1] if rank == 0 else [2, 3], _opts(), 0)
     data = _data(batches + warmup) if rank == 0 else None
-    pending = _post_recv((BATCH, WIDTH), (BATCH, WIDTH), "cpu", 0) if rank == 1 else None
-    sends, n = [], batches + warmup
-    dist.barrier()
-    for k in range(n):
+    clock = {}
+
+    def first_inputs(k):
+        x, y = data[k]
+        return x, onehot(y, 10, x)
+
+    def on_batch(k):
         if k == warmup:
-            start = time.perf_counter()
-        if rank == 0:
-            x, y = data[k]
-            s_in, t_in = x, onehot(y, 10, x)
-        else:
-            (s_in, t_in), works = pending
-            for w in works:
-                w.wait()
-            pending = _post_recv((BATCH, WIDTH), (BATCH, WIDTH), "cpu", 0) if k + 1 < n else None
-        s, t, total = worker.forward(s_in, t_in)
-        if rank == 0:
-            for w in sends:
-                w.wait()
-            sends = [dist.isend(s.contiguous(), 1), dist.isend(t.contiguous(), 1)]
-        worker.update(total)
-    for w in sends:
-        w.wait()
+            clock["start"] = time.perf_counter()
+
+    dist.barrier()
+    stream_batches(worker, rank, world, first_inputs, batches + warmup, (BATCH, WIDTH), (BATCH, WIDTH), "cpu", on_batch)
+    start = clock["start"]
     dist.barrier()
     elapsed = torch.tensor([time.perf_counter() - start])
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
