@@ -160,7 +160,6 @@ class FoldedNet(ZooModel):
         return [n for n, _ in self.named_parameters() if n not in eff]
 
 
-
 def _shapes(fs: list[nn.Module], input_shape) -> list[tuple[int, ...]]:
     shapes, z = [], torch.zeros(2, *input_shape)
     with torch.no_grad():
