@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from bench.algorithms import RULES
 from bench.config import ConfigError, compose
-from bench.feedback.forward_gradient import (ActivityPerturbation, directional_derivative,
+from bench.feedback.forward_gradient import (ActivityPerturbation, WeightTangentFree, directional_derivative,
                                              estimate_activity_gradients, per_row_error)
 from bench.feedback.noise import SharedNoise
 from bench.models import MODELS, create_model
@@ -118,6 +118,56 @@ def test_jvp_equals_central_finite_difference():
     print("max |JVP − central FD| =", float((d - fd).abs().max()), "of", float(d.abs().max()))
     assert float((d - fd).abs().max()) < 1e-4
     assert float(d.abs().min()) > 1e-3  # a non-trivial directional derivative on every sample
+
+
+class CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix products and convolutions aten runs."""
+
+    OPS = {"mm", "addmm", "bmm", "convolution"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_weight_tangent_free_equals_pytorch_forward_ad_with_half_the_products(net):
+    """The workaround for pytorch#69687 (bench/feedback/forward_gradient.py, WeightTangentFree):
+    same primal, tangent and weight gradients as PyTorch's own forward AD, one product per layer
+    for the tangent instead of two."""
+    torch.manual_seed(0)
+    if net == "mlp":
+        model = tanh_net()
+        x = torch.randn(5, 8, dtype=torch.float64)
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+                                    torch.nn.Linear(3 * 4 * 4, 4)).double()
+        x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    v = torch.randn_like(x)
+    results = []
+    for use_mode in (False, True):
+        counter = CountMatmuls()
+        with fwAD.dual_level(), counter:
+            if use_mode:
+                with WeightTangentFree():
+                    out = model(fwAD.make_dual(x, v))
+            else:
+                out = model(fwAD.make_dual(x, v))
+            primal, tangent = fwAD.unpack_dual(out)
+        grads = torch.autograd.grad(primal.pow(2).sum(), list(model.parameters()))
+        results.append((primal.detach(), tangent, grads, counter.count))
+    (p0, t0, g0, n0), (p1, t1, g1, n1) = results
+    layers = 3 if net == "mlp" else 2
+    print(f"{net}: products with PyTorch's formula {n0}, with the mode {n1}")
+    assert torch.allclose(p0, p1, rtol=0, atol=1e-12) and torch.allclose(t0, t1, rtol=0, atol=1e-12)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(g0, g1))
+    assert float(t0.detach().abs().max()) > 1e-3
+    assert n0 == 3 * layers and n1 == 2 * layers  # primal + two tangent products per layer, then one
 
 
 def batch_cosine(module, x, y, i):

@@ -35,6 +35,9 @@ Known limits of PyTorch's forward-mode AD, and how they are handled:
   estimate then targets ∂ℓ_b/∂h_l[b] (the sample's own loss) and misses the cross-sample terms
   of ∂L/∂h_l[b] that flow through the batch statistics.
 * dropout: an extra pass replays the step's RNG state, so it sees the training pass's masks.
+* a weight that carries no tangent still costs a full product in PyTorch's formulas for Linear and
+  convolution (its zero tangent is materialised, pytorch#69687): :class:`WeightTangentFree`, active
+  in :func:`jvp_context`, evaluates those layers' tangent with the one product that is not zero.
 
 Random numbers: the perturbations come from a :class:`~bench.feedback.noise.SharedNoise` stream
 that every DDP rank draws identically. Each draw is made for the *global* batch (local rows ×
@@ -48,7 +51,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bench.feedback.noise import SharedNoise, rank_and_world
 from bench.feedback.restore import restoring
@@ -67,17 +72,53 @@ def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+class WeightTangentFree(TorchFunctionMode):
+    """Linear and convolution layers carry the tangent with one product, not two.
+
+    PyTorch's forward-mode formula for ``addmm``/``mm``/``convolution`` is
+    ``x_t W + x W_t``; a weight that carries no tangent (ours never do: only activities are
+    perturbed) gets a materialised zero ``W_t``, and the second product is paid in full
+    (pytorch/pytorch#69687, ZeroTensors for forward AD, still open). On the grape-1 MLP that makes
+    a Linear's JVP cost three forwards instead of two. While this mode is active, ``F.linear`` and
+    ``F.conv{1,2,3}d`` on an input that carries a tangent and a weight and bias that do not are
+    evaluated as the two halves of the same derivative: the primal by the op itself (so autograd
+    records it and its backward is the op's own), the tangent by the op on the input tangent
+    without bias, the only term left when W_t = b_t = 0 (the op is linear in its input). Anything
+    else (no tangent, a weight with a tangent, another op) goes through unchanged. The tangent and
+    every ``.grad`` equal PyTorch's own to the last bit (tests/test_forward_gradient.py).
+    """
+
+    OPS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS and args:
+            primal, tangent = fwAD.unpack_dual(args[0])
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (tangent is not None and weight is not None and fwAD.unpack_dual(weight).tangent is None
+                    and (bias is None or fwAD.unpack_dual(bias).tangent is None)):
+                rest = list(args[3:])
+                out = func(primal, weight, bias, *rest, **{k: v for k, v in kwargs.items() if k not in ("weight", "bias")})
+                with torch.no_grad():
+                    out_tangent = func(tangent, weight, None, *rest,
+                                       **{k: v for k, v in kwargs.items() if k not in ("weight", "bias")})
+                return fwAD.make_dual(out, out_tangent)
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def jvp_context():
-    """The math kernel of scaled-dot-product attention (the fused CPU/CUDA kernels have no
-    forward-mode formula)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        yield
-        return
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+    """What a forward-mode pass runs under: the math kernel of scaled-dot-product attention (the
+    fused CPU/CUDA kernels have no forward-mode formula), and :class:`WeightTangentFree`."""
+    with WeightTangentFree():
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # pragma: no cover - older torch
+            yield
+            return
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
 
 
 def preserved_norm_stats(model: nn.Module):
