@@ -64,10 +64,13 @@ def test_input_feedback_is_uniform_at_the_original_scale():
     assert abs(float(f.std()) - bound / math.sqrt(3)) < 0.03 * bound / math.sqrt(3)  # U(−a, a) has std a/√3
 
 
-def test_both_passes_share_the_dropout_mask():
+@pytest.mark.parametrize("dropout", ["model.dropout=0.5", "model.input_dropout=0.5"])
+def test_both_passes_share_the_dropout_mask(dropout):
     """With F = 0 the second pass sees x again; the hidden updates vanish exactly iff the dropout
-    masks (p = 0.5) are the same in both passes."""
-    module = build("model.dropout=0.5", depth=2, width=32)
+    masks (p = 0.5) are the same in both passes. Input dropout sits before the first Linear, so
+    the second pass then runs the whole net (no reuse of the first pass's pre-activation)."""
+    module = build(dropout, depth=2, width=32)
+    assert (module._resume_at is None) == dropout.startswith("model.input_dropout")
     module.input_feedback.zero_()
     module.train()
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))

@@ -176,7 +176,7 @@ def test_compiled_closed_form_step_matches_algorithm_1_by_hand(small_cfg, case):
 
 def test_closed_form_updates_reach_grad_the_same_by_either_path(small_cfg, monkeypatch):
     """Without DDP or a loss scaler the updates are assigned to ``.grad`` directly; that path must
-    equal the autograd-node path (:class:`_Deliver`) value for value, leave every ``.grad`` in its
+    equal the autograd-node path (bench.feedback.deliver._Deliver) value for value, leave every ``.grad`` in its
     parameter's layout (the fused optimizers read it so), and add into a ``.grad`` already there."""
     _, rule, depth, overrides, *_ = next(c for c in CASES if c[0] == "rlra-state-kappa")
     module, _ = build(small_cfg, rule, depth, *overrides)
@@ -198,7 +198,7 @@ def test_closed_form_updates_reach_grad_the_same_by_either_path(small_cfg, monke
     twice = step()  # no zero_grad: accumulates like autograd would
     for p in params:
         p.grad = None
-    monkeypatch.setattr(module, "_hooks_need_the_backward", lambda: True)
+    monkeypatch.setattr("bench.feedback.deliver.backward_is_watched", lambda trainer: True)
     through_autograd = step()
     for d, t, a, g in zip(direct, twice, through_autograd, grads):
         assert torch.equal(d, g) and torch.equal(a, g)

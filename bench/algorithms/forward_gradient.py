@@ -132,7 +132,7 @@ class GrAPE(AlgorithmModule):
             stats = []
             for g in estimates:
                 g2 = g.reshape(rows_e.shape[0], -1)
-                stats += [g2.t().mm(rows_e), (g2 * g2).sum().reshape(1)]
+                stats += [g2.t().mm(rows_e), torch.dot(g2.reshape(-1), g2.reshape(-1)).reshape(1)]
             return stats + [rows_e.t().mm(rows_e)]
         k = len(tangents)
         return [sum(v.reshape(rows_e.shape[0], -1).t().mm(t.reshape(-1, e_dim)) for v, t in zip(vs, tangents)) / k
@@ -231,7 +231,7 @@ class GrAPE(AlgorithmModule):
         estimates = None
         if a.align_to == "gradient":
             per_jvp = [estimates_from(directional_derivative(errors, t), v) for t, v in zip(tangents, perturbations)]
-            estimates = [sum(gs) / len(gs) for gs in zip(*per_jvp)]
+            estimates = per_jvp[0] if len(per_jvp) == 1 else [sum(gs) / len(gs) for gs in zip(*per_jvp)]
         self.update_feedback(self.alignment_statistics(estimates, errors, perturbations, tangents))
         rows = logits.numel() // logits.shape[-1]
         signal = errors.reshape(-1, errors.shape[-1]) / rows  # e = ∂(mean loss)/∂ŷ, as DFA projects it

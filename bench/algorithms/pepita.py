@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.algorithms.base import RULES, AlgorithmModule
+from bench.feedback.deliver import deliver
 from bench.feedback.forward_gradient import preserved_norm_stats
 from bench.feedback.noise import SharedNoise
 from bench.options import AlgorithmOptions, ClassVar, ConfigError, Literal, opt
@@ -106,6 +107,11 @@ class PEPITA(AlgorithmModule):
         self._recording = False
         self._inputs: list[torch.Tensor] = []
         self._acts: list[torch.Tensor] = []
+        # Where the second pass may start after the first Linear (nothing random between the input
+        # and it, e.g. no input dropout): see :meth:`_modulated_pass`.
+        net = list(self.model.net)
+        first = net.index(self.linears[0])
+        self._resume_at = first + 1 if all(isinstance(m, nn.Flatten) for m in net[:first]) else None
         for layer in self.linears:
             layer.register_forward_pre_hook(self._record_input)
         for act in self.acts:
@@ -140,32 +146,61 @@ class PEPITA(AlgorithmModule):
             self._recording = False
         return logits, self._inputs, self._acts
 
+    def _modulated_pass(self, x_err: torch.Tensor, e: torch.Tensor, first_out: torch.Tensor):
+        """The second pass. Its first layer is linear in the input, so W_1 x^err + b_1 =
+        (W_1 x + b_1) − (W_1 F) e: the first pass's pre-activation minus a product over the classes,
+        instead of a product over the input dimension (the largest of the MLP). Equal to running the
+        net on x^err up to float rounding (tests/test_pepita.py); the rest of the net runs as usual."""
+        if self._resume_at is None:
+            return self._pass(x_err)
+        w1 = self.linears[0].weight
+        a1 = first_out - e.mm(w1.mm(self.input_feedback_matrix().to(w1.dtype)).t())
+        self._inputs, self._acts = [x_err.reshape(x_err.shape[0], -1)], []
+        self._recording = True
+        try:
+            out = a1
+            for module in list(self.model.net)[self._resume_at:]:
+                out = module(out)
+        finally:
+            self._recording = False
+        return out, self._inputs, self._acts
+
     @torch.no_grad()
     def updates(self, x: torch.Tensor, y: torch.Tensor):
         """(logits, loss, [(ΔW_l, Δb_l)] per Linear) of one PEPITA step on (x, y), nothing applied."""
         rng = rng_state(x.device)
         with (self.tap.settings(capture=False) if self.tap is not None else torch.no_grad()):
-            logits, _, h = self._pass(x)
+            first = []
+            handle = self.linears[0].register_forward_hook(lambda m, i, o: first.append(o))
+            try:
+                logits, _, h = self._pass(x)
+            finally:
+                handle.remove()
             loss = self.loss_fn(logits, y)
             onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
             e = torch.softmax(logits, -1) - onehot
             x_err = x - e.mm(self.input_feedback_matrix().t()).reshape_as(x)
             with replaying(rng, x.device), preserved_norm_stats(self.model):  # the same dropout masks in both passes
-                logits_err, inputs_err, h_err = self._pass(x_err)
+                logits_err, inputs_err, h_err = self._modulated_pass(x_err, e, first[0])
         e_err = torch.softmax(logits_err, -1) - onehot
         out_error = e_err if self.opts.output_error == "modulated" else e
         n = x.shape[0]
-        deltas = [(a - b).reshape(n, -1) for a, b in zip(h, h_err)] + [out_error]
-        return logits, loss, [(d.t().mm(inp.reshape(n, -1)) / n, d.sum(0) / n) for d, inp in zip(deltas, inputs_err)]
+        # 1/n rides on the narrow operand (batch × units), not on the units × inputs product
+        deltas = [(a - b).reshape(n, -1).div_(n) for a, b in zip(h, h_err)] + [out_error / n]
+        return logits, loss, [(d.t().mm(inp.reshape(n, -1)), d.sum(0)) for d, inp in zip(deltas, inputs_err)]
 
     def objective(self, x, y):
+        """The updates reach ``.grad`` through :func:`bench.feedback.deliver.deliver` (no backward
+        pass of the weights: PEPITA has none)."""
         logits, loss, updates = self.updates(x, y)
-        surrogate = loss.detach() * 0.0
+        grads, params = [], []
         for layer, (dw, db) in zip(self.linears, updates):
-            surrogate = surrogate + (layer.weight * dw).sum()
+            grads.append(dw)
+            params.append(layer.weight)
             if layer.bias is not None:
-                surrogate = surrogate + (layer.bias * db).sum()
-        return surrogate, logits, loss
+                grads.append(db)
+                params.append(layer.bias)
+        return deliver(grads, params, self._trainer, logits), logits, loss
 
     @torch.no_grad()
     def after_step(self) -> None:

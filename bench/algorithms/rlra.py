@@ -109,6 +109,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.algorithms.base import RULES, AlgorithmModule
+from bench.feedback.deliver import deliver
 from bench.feedback.init import feedback_tensor
 from bench.models.locally_connected import LocallyConnected2d
 from bench.models.structure import ResidualBlock, Structure, run, structure_of
@@ -509,7 +510,7 @@ class RecursiveLRA(AlgorithmModule):
     def _closed_form_objective(self, x, y):
         """The same step with ∂S/∂θ written out (dense MLP regions): ΔW_ℓ = (κ_ℓ/B) e_ℓᵀ z_{ℓ-1},
         Δb_ℓ = (κ_ℓ/B) Σ_b e_ℓ, ΔE_{j→i} = (1/B) s_iᵀ e_j, computed with no autograd graph at all and
-        handed to ``.grad`` by one autograd node (:class:`_Deliver`) inside ``manual_backward``, so
+        handed to ``.grad`` by :func:`bench.feedback.deliver.deliver` inside ``manual_backward``, so
         DDP's gradient hooks, loss scaling, re-projection and the optimizer see it like any gradient
         (without DDP or an fp16 scaler it is assigned to ``.grad`` at once, which is cheaper). The scalars
         ride on the narrow operand of each matmul and h − βd is one fused ``sub``, and
@@ -522,28 +523,7 @@ class RecursiveLRA(AlgorithmModule):
             if updates is None:
                 updates = self._compiled_updates = torch.compile(self._closed_form_updates)
         grads, params, logits, loss = updates(x, y)
-        if self._hooks_need_the_backward():
-            return _Deliver.apply(grads, *params), logits, loss
-        # Nothing watches the backward (no DDP reducer, no fp16 loss scale): hand the updates over
-        # directly: through the engine, one AccumulateGrad node per parameter was a measurable share
-        # of the step (docs/architecture.md, M3); the returned surrogate is a bare leaf whose
-        # backward does nothing else.
-        for p, g in zip(params, grads):
-            if p.grad is not None:
-                p.grad.add_(g)
-            elif g.stride() != p.stride():  # the layout contract AccumulateGrad enforces on the other path:
-                p.grad = torch.empty_like(p).copy_(g)  # the fused optimizers read .grad in p's layout
-            else:
-                p.grad = g
-        return logits.new_zeros((), requires_grad=True), logits, loss
-
-    def _hooks_need_the_backward(self) -> bool:
-        """Whether updates must reach ``.grad`` through autograd: DDP all-reduces in gradient hooks,
-        and fp16 mixed precision scales the surrogate (its scaler later divides every ``.grad``)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return True
-        trainer = self._trainer
-        return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+        return deliver(grads, params, self._trainer, logits), logits, loss
 
     @torch.no_grad()
     def _closed_form_updates(self, x, y):
@@ -623,23 +603,6 @@ def _outer_sum(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     if b.shape[1] < a.shape[1]:
         return torch.mm(b.t(), a).mul_(scale).t()
     return torch.mm(a.t(), b).mul_(scale)
-
-
-class _Deliver(torch.autograd.Function):
-    """One autograd node whose backward hands precomputed updates to the given parameters."""
-
-    @staticmethod
-    def forward(ctx, grads, *params):
-        ctx.grads = grads
-        return params[0].new_zeros(())
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads, ctx.grads = ctx.grads, None
-        # ``manual_backward`` may scale the surrogate (mixed-precision loss scaling): follow it.
-        if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
-            grads = torch._foreach_mul(grads, grad_out)
-        return (None, *grads)
 
 
 @RULES.register("lra_e")
