@@ -248,6 +248,36 @@ def test_grape_weight_update_equals_dfa_with_the_same_b_by_hand():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("granularity", ["macro", "micro"])
+def test_error_at_hidden_projects_the_error_at_the_head_input(granularity):
+    """grape-3's GrAPE rows: with ``error_at: hidden`` every point receives B_l e, e = ∂(Σ ℓ)/∂(lm_head
+    input) / rows, by hand through autograd on a plain forward; B_l is d_model × l."""
+    shape, vocab = (8,), 24  # vocabulary ≠ d_model, so the two error locations cannot be confused
+    module = build("grape", "model.name=transformer", "model.n_layer=2", "model.n_embd=16", "model.n_head=2",
+                   f"algorithm.granularity={granularity}", "algorithm.error_at=hidden", "algorithm.b_lr=0",
+                   "algorithm.b_noise=0", shape=shape, classes=vocab)
+    assert all(module.feedback_matrix(i).shape[1] == 16 for i in range(len(module.feedback.sizes)))
+    x, y = torch.randint(0, vocab, (3, *shape)), torch.randint(0, vocab, (3, *shape))
+    head_in = []
+    handle = module.model.lm_head.register_forward_pre_hook(lambda m, a: head_in.append(a[0]))
+    logits = module.model(x)
+    handle.remove()
+    rows = logits.numel() // vocab
+    (e,) = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="sum"), head_in)
+    signal = e.reshape(rows, -1) / rows
+    module.tap.capture = True
+    surrogate, _, _ = module.objective(x, y)
+    points = list(module.tap.outputs)
+    module.tap.capture = False
+    for h in points:
+        h.retain_grad()
+    surrogate.backward()
+    for i, h in enumerate(points):
+        expected = signal.mm(module.feedback_matrix(i).t()).reshape(h.shape)
+        torch.testing.assert_close(h.grad, expected, rtol=1e-4, atol=1e-7)
+    assert float(signal.abs().max()) > 1e-4
+
+
 def test_convolution_update_is_conv2d_weight_of_the_projected_error():
     module = build("grape", "model.name=cnn", "model.channels=[3]", "model.kernel=3", "model.pool=none",
                    "model.hidden=[]", shape=(1, 6, 6), classes=3)

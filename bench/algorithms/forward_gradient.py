@@ -68,7 +68,7 @@ from bench.feedback.forward_gradient import (ActivityPerturbation, all_reduce_su
                                              preserved_norm_stats)
 from bench.feedback.noise import SharedNoise
 from bench.models.base import point_sizes
-from bench.options import AlgorithmOptions, ClassVar, Literal, opt
+from bench.options import AlgorithmOptions, ClassVar, ConfigError, Literal, opt
 from bench.feedback.restore import replaying, rng_state
 
 
@@ -86,6 +86,17 @@ class GrAPEOptions(AlgorithmOptions):
     recycle: bool = opt(False, "cumulative moving average of the alignment statistics within each epoch (GrAPE §3.4)")
     b_noise: float = opt(1.0e-4, "noise added to B_l each step, relative to its RMS entry (GrAPE Appendix, Fig. 4)", ge=0)
     calibrate_every: int = opt(0, "one backprop anchor step at the start of every T-th epoch (published version); 0 = off", ge=0)
+    error_at: Literal["logits", "hidden"] = opt(
+        "logits", "the error e that B_l projects: logits = ∂L/∂ŷ | hidden = ∂L/∂(input of lm_head), per token, "
+                  "as DFA's error_at (Launay et al. 2020's default; grape-3)")
+
+    def check(self, cfg) -> None:
+        if self.error_at == "hidden" and self.align_to == "jacobian":
+            raise ConfigError("algorithm.error_at=hidden needs algorithm.align_to=gradient (the Jacobian estimate is "
+                              "taken at the logits)")
+        if self.error_at == "hidden" and str(cfg.model.name) != "transformer":
+            raise ConfigError(f"algorithm.error_at=hidden is not valid for model.name={cfg.model.name}; it needs a "
+                              f"model whose output projection is named (transformer: lm_head)")
 
 
 @RULES.register("grape")
@@ -99,7 +110,10 @@ class GrAPE(AlgorithmModule):
         if self.tap is None or not self.tap.names:
             raise ValueError(f"grape: model {name} exposes no feedback points")
         sizes = list(point_sizes(self.model, self.input_shape, a.granularity).values())
-        self.feedback = DirectFeedback(sizes, self.num_classes, unified=False, normalize=a.normalize,
+        # error_at: hidden projects e W_head, the error at the head's input (a Linear: ∂ŷ/∂h = W_head)
+        self.head = getattr(self.model, "lm_head") if a.error_at == "hidden" else None
+        error_size = self.head.in_features if self.head is not None else self.num_classes
+        self.feedback = DirectFeedback(sizes, error_size, unified=False, normalize=a.normalize,
                                        init=a.feedback_init, seed=int(self.cfg.seed) + 1)
         for i in range(len(sizes)):  # the norms every update restores: whole matrix, or per column
             b = self.feedback_matrix(i)
@@ -221,6 +235,7 @@ class GrAPE(AlgorithmModule):
         loss = self.loss_fn(logits, y)
         errors = per_row_error(logits, y, self.loss_fn)
         tangents, perturbations = [tangent], [vs]
+        projected_errors = errors if self.head is None else errors.matmul(self.head.weight.detach())
         if a.jvps > 1:
             with torch.no_grad(), preserved_norm_stats(self.model):
                 for _ in range(a.jvps - 1):
@@ -232,9 +247,10 @@ class GrAPE(AlgorithmModule):
         if a.align_to == "gradient":
             per_jvp = [estimates_from(directional_derivative(errors, t), v) for t, v in zip(tangents, perturbations)]
             estimates = per_jvp[0] if len(per_jvp) == 1 else [sum(gs) / len(gs) for gs in zip(*per_jvp)]
-        self.update_feedback(self.alignment_statistics(estimates, errors, perturbations, tangents))
+        self.update_feedback(self.alignment_statistics(estimates, projected_errors, perturbations, tangents))
         rows = logits.numel() // logits.shape[-1]
-        signal = errors.reshape(-1, errors.shape[-1]) / rows  # e = ∂(mean loss)/∂ŷ, as DFA projects it
+        # e = ∂(mean loss)/∂ŷ (or at the head input), as DFA projects it
+        signal = projected_errors.reshape(-1, projected_errors.shape[-1]) / rows
         surrogate = loss
         for h, (projected, scale) in zip(points, self.feedback.project(signal)):
             surrogate = surrogate + scale * torch.dot(h.reshape(-1), projected.reshape(-1))
