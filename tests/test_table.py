@@ -201,3 +201,5 @@ def test_a_column_run_on_the_synthetic_stand_in_reads_data_unavailable(tmp_path,
     measured = cells[0].summary["final"]["test/err1"]
     assert f"| BP | 7.50 → *data unavailable* (synthetic stand-in: {measured:.2f}) |" in text
     assert "runs on `synthetic` at this budget" in text
+    csv_rows = read_csv(tmp_path / "results" / "test-standin.csv")
+    assert [(r["data"], r["stands_in_for"]) for r in csv_rows] == [("synthetic", "cifar10")]  # in its own column

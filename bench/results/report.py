@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.config import ConfigError, slug, table_ids
 from bench.results import plots
 from bench.results.io import read_csv, read_json, write_text
-from bench.results.table import aggregate, natural_key, result_suffix, write_table
+from bench.results.table import aggregate, datasets_used, declared_dataset, natural_key, result_suffix, write_table
 from bench.run.cells import Cell, expand  # the table's cells and their run folders (torch-free)
 
 UPDATE = "align/update/"
@@ -159,8 +159,7 @@ def _stand_ins(table: DictConfig, cells: list[Cell], column: str | None = None) 
     for col in table.columns:
         if column is not None and col != column:
             continue
-        declared = OmegaConf.select(table.columns[col], "data.name", default=None)
-        used = sorted({str(c.cfg.data.name) for c in cells if c.column == col and c.cfg is not None})
+        declared, used = declared_dataset(table, col), datasets_used([c for c in cells if c.column == col])
         if declared and used and used != [declared]:
             out.append(f"{', '.join(used)} stands in for {declared}")
     return out

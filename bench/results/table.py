@@ -62,8 +62,19 @@ def measured_values(cells: list[Cell], field_key: str) -> list[float]:
     return [v for c in cells if c.status == "finished" and (v := lookup(c.summary, field_key)) is not None]
 
 
+def declared_dataset(table: DictConfig, column: str) -> str | None:
+    """The dataset a column's paper numbers are on (the column's data.name, else the table's common one)."""
+    return (OmegaConf.select(table.columns[column], "data.name", default=None)
+            or OmegaConf.select(table, "common.data.name", default=None))
+
+
+def datasets_used(cells: list[Cell]) -> list[str]:
+    return sorted({str(c.cfg.data.name) for c in cells if c.cfg is not None})
+
+
 def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
-    """One record per (row, column, field): paper value, measured mean/std, Δ, status."""
+    """One record per (row, column, field): paper value, measured mean/std, Δ, status, and the data
+    the cells ran on, with the paper's dataset in ``stands_in_for`` when that data is a stand-in."""
     fields = dict(table.get("metric", {}).get("fields", {"test": "test/err1"}))
     records = []
     for row in table.rows:
@@ -73,6 +84,7 @@ def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
             if not group:
                 continue
             statuses = {c.status for c in group}
+            used, declared = datasets_used(group), declared_dataset(table, column)
             for name, key in fields.items():
                 paper = OmegaConf.select(OmegaConf.create(paper_row), f"{column}.{name}", default=None)
                 values = measured_values(group, key)
@@ -90,6 +102,8 @@ def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
                     # where each diverged seed stopped (summary.json "divergence"), e.g. "3" or "3, 7"
                     "diverged_step": ", ".join(str(s) for s in sorted({c.summary["divergence"]["step"] for c in group
                                                if c.status == "diverged" and c.summary.get("divergence")})),
+                    "data": ", ".join(used),
+                    "stands_in_for": declared if (declared and used and used != [declared]) else "",
                 })
     return records
 
