@@ -8,6 +8,7 @@ import bench.config as config
 from bench.algorithms import RULES
 from bench.cli import main as cli_main
 from bench.config import ConfigError, compose, load_table, resolve_name, run_name
+from bench.options import check_training_set
 from bench.run.cells import row_algorithm
 from conftest import run_cli
 
@@ -159,6 +160,7 @@ def test_every_implemented_cell_of_every_table_composes(table_id):
                         compose(table_id, row, column, budget, [])
                     continue
                 cfg = compose(table_id, row, column, budget, [])
+                check_training_set(cfg.data)  # what planning the run checks (a synthetic set too small for a batch)
                 assert cfg.algorithm.name == algorithm
                 assert (cfg.row, cfg.column, cfg.budget) == (row, column, budget)
                 composed += 1

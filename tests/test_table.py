@@ -180,16 +180,22 @@ def test_per_layer_keys_are_read_in_forward_order():
     assert lookup(summary, "align/update/@0") == 0.0 and lookup(summary, "align/update/@last") == 2.0
 
 
-def test_a_column_run_on_the_synthetic_stand_in_reads_data_unavailable(tmp_path, table_configs):
+@pytest.mark.parametrize("declared_in", ["column", "common"])
+def test_a_column_run_on_the_synthetic_stand_in_reads_data_unavailable(tmp_path, table_configs, declared_in):
     """A column whose paper dataset is absent may run on the synthetic stand-in at a small budget
     (column-level ``budgets:``): the run proves the pipeline, so its accuracy cell reads
-    'data unavailable' with the stand-in's measured number in brackets, never as a result."""
+    'data unavailable' with the stand-in's measured number in brackets, never as a result. The
+    paper's dataset may be declared by the column or by the table's ``common`` section."""
     synth = {"name": "synthetic", "shape": [10], "num_classes": 3, "n_train": 160, "n_test": 40, "val_size": 32}
+    column = {"budgets": {"tiny": {"data": synth}}}
+    common_data = {"batch_size": 16}
+    (column if declared_in == "column" else common_data)["data" if declared_in == "column" else "name"] = \
+        {"name": "cifar10"} if declared_in == "column" else "cifar10"
     table = {
         "id": "test-standin", "title": "Stand-in check",
         "metric": {"name": "error", "unit": "%", "fields": {"test": "test/err1"}},
-        "columns": {"cifar10": {"data": {"name": "cifar10"}, "budgets": {"tiny": {"data": synth}}}},
-        "common": {"model": {"name": "mlp", "depth": 1, "width": 8}, "data": {"batch_size": 16},
+        "columns": {"cifar10": column},
+        "common": {"model": {"name": "mlp", "depth": 1, "width": 8}, "data": common_data,
                    "probe": {"every": 0}, "output": {"progress": "none"}},
         "rows": {"BP": {"algorithm": {"name": "bp"}, "paper": {"cifar10": {"test": 7.5}}}},
     }

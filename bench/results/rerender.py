@@ -17,12 +17,12 @@ from bench.config import load_table, slug
 from bench.results import plots
 from bench.results.io import read_csv
 from bench.results.readme import REPO, _header
-from bench.results.table import draw_curves, figure_specs, plot_figure
+from bench.results.table import declared_dataset, draw_curves, figure_specs, plot_figure
 
 
 def _note(table, md_text: str) -> str:
     head = _header(md_text)
-    stand_ins = [f"{used} stands in for {OmegaConf.select(table.columns[col], 'data.name', default=col)}"
+    stand_ins = [f"{used} stands in for {declared_dataset(table, col) or col}"
                  for col, used in head["stand_ins"] if col in table.columns]
     epochs = [int(e) for e in head["epochs"].split(",") if e.strip().isdigit()]
     seeds = int(head["seeds"]) if str(head["seeds"]).isdigit() else 0

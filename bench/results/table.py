@@ -138,16 +138,15 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
         "",
     ]
     for col in columns:  # a budget may run a column on a stand-in dataset: say so up front
-        declared = OmegaConf.select(table.columns[col], "data.name", default=None)
-        used = sorted({str(c.cfg.data.name) for c in cells if c.column == col and c.cfg is not None})
+        declared, used = declared_dataset(table, col), datasets_used([c for c in cells if c.column == col])
         if declared and used and used != [declared]:
             lines.insert(-1, f"- **column `{col}` runs on `{', '.join(used)}` at this budget** — a stand-in for "
                              f"`{declared}`, so its numbers are not comparable with the paper's")
     # A column run on the synthetic stand-in measured the pipeline, not the paper's data: its
     # accuracy cells read "data unavailable", with the stand-in's number beside it in brackets.
     synthetic_only = {col for col in columns
-                      if {str(c.cfg.data.name) for c in cells if c.column == col and c.cfg is not None} == {"synthetic"}
-                      and OmegaConf.select(table.columns[col], "data.name", default="synthetic") != "synthetic"}
+                      if datasets_used([c for c in cells if c.column == col]) == ["synthetic"]
+                      and (declared_dataset(table, col) or "synthetic") != "synthetic"}
     header = ["row"] + [f"{col} {f}" for col in columns for f in fields]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_key = {(r["row"], r["column"], r["field"]): r for r in records}
@@ -534,6 +533,10 @@ def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str 
 
         records = COMPUTED.get(str(table.compute))(table, budget)
     else:
+        if OmegaConf.select(table, "metric.class_distance") is not None:  # a trained layer's class distances
+            from bench.results.latents import add_class_distances
+
+            add_class_distances(table, cells)
         records = aggregate(table, cells)
     text = render_markdown(table, budget, records, cells)
     out_dir = Path(out_dir)

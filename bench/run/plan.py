@@ -24,6 +24,9 @@ class RunPlan:
 
     @classmethod
     def of(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> RunPlan:
+        from bench.options import check_training_set
+
+        check_training_set(cfg.data)
         digest = config_hash(cfg)
         name = run_name(cfg, digest)
         return cls(cfg, name, digest, Path(run_dir) if run_dir is not None else Path(cfg.output.root) / name)
