@@ -4,7 +4,8 @@
   extra cost is the tangent carried through the training forward (one fused pass:
   bench/feedback/forward_gradient.py; Baydin et al. 2022 measured a JVP at ≈ 1.4× a forward) and
   the B update (l_i × e products).
-* PEPITA ÷ BP on the same MLP: target ≤ 1.0 (two forward passes, no backward).
+* PEPITA ÷ BP on the same MLP: target ≤ 1.0 (two forward passes, no backward), and on its ReLU
+  variant (PEPITA's own activation).
 * The JVP pass alone ÷ a plain no-grad forward, on the same MLP.
 * GrAPE ÷ BP on LeNet-4 (28×28, batch 256) and on the small transformer (2 × 128, 64 tokens, batch 16).
 
@@ -61,6 +62,12 @@ def run(args) -> list[dict]:
                        repeats, 3, 256)
     rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024", "rule": "jvp pass", "versus": "forward",
                  "batch": 256, "ratio": jvp_vs_forward(mods["grape"], x, repeats), "target": "", "meets_target": ""})
+    # PEPITA evaluates the nonlinearity twice where BP evaluates it once and multiplies by its
+    # derivative: with tanh (grape-1's choice) that is a transcendental per unit more; with ReLU
+    # (PEPITA's own code, GiorgiaD/PEPITA) it is a comparison.
+    relu = [*MLP[:-1], "model.activation=relu"]
+    pep = {r: build_module(r, relu, shape) for r in ("bp", "pepita")}
+    rows += ratio_rows("grape-1 mlp 2x1024, relu", pep, x, y, [("pepita", "bp", 1.0)], repeats, 3, 256)
     lenet = {r: build_module(r, ["model.name=lenet4"], shape) for r in ("bp", "grape")}
     rows += ratio_rows("lenet4", lenet, x, y, [("grape", "bp", None)], repeats, 3, 256)
     tf = ["model.name=transformer", "model.n_layer=2", "model.n_embd=128", "model.n_head=4"]
