@@ -130,7 +130,7 @@ def test_committed_figures_redrawn_from_their_csvs_carry_what_was_measured(tmp_p
     acc = fig.axes[0]
     assert acc.containers == [] and acc.get_ylim()[1] - acc.get_ylim()[0] >= 6.24
     text = plots.figure_text(fig)
-    assert "budget smoke · 1 epoch · 1 seed per point (no spread measured)" in text
+    assert "budget short · 10 epochs · 1 seed per point (no spread measured)" in text
     assert "fmnist stands in for cifar10" in text
 
     drawn, _ = rerender("rlra-fig2", results)
