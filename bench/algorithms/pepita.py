@@ -114,8 +114,14 @@ class PEPITA(AlgorithmModule):
         self._resume_at = first + 1 if all(isinstance(m, nn.Flatten) for m in net[:first]) else None
         for layer in self.linears:
             layer.register_forward_pre_hook(self._record_input)
+        self._first_out: torch.Tensor | None = None  # the first Linear's output of the recorded pass
+        self.linears[0].register_forward_hook(self._record_first_output)
         for act in self.acts:
             act.register_forward_hook(self._record_activity)
+
+    def _record_first_output(self, module, inputs, output):
+        if self._recording:
+            self._first_out = output
 
     def _record_input(self, module, inputs):
         if self._recording:
@@ -171,18 +177,14 @@ class PEPITA(AlgorithmModule):
         """(logits, loss, [(ΔW_l, Δb_l)] per Linear) of one PEPITA step on (x, y), nothing applied."""
         rng = rng_state(x.device)
         with (self.tap.settings(capture=False) if self.tap is not None else torch.no_grad()):
-            first = []
-            handle = self.linears[0].register_forward_hook(lambda m, i, o: first.append(o))
-            try:
-                logits, _, h = self._pass(x)
-            finally:
-                handle.remove()
+            logits, _, h = self._pass(x)
+            first_out, self._first_out = self._first_out, None
             loss = self.loss_fn(logits, y)
             onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
             e = torch.softmax(logits, -1) - onehot
             x_err = x - e.mm(self.input_feedback_matrix().t()).reshape_as(x)
             with replaying(rng, x.device), preserved_norm_stats(self.model):  # the same dropout masks in both passes
-                logits_err, inputs_err, h_err = self._modulated_pass(x_err, e, first[0])
+                logits_err, inputs_err, h_err = self._modulated_pass(x_err, e, first_out)
         e_err = torch.softmax(logits_err, -1) - onehot
         out_error = e_err if self.opts.output_error == "modulated" else e
         n = x.shape[0]
