@@ -190,6 +190,29 @@ def test_b_update_raises_the_batch_cosine_within_50_steps():
         assert a > b + 0.2, (b, a)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_one_jvp_statistics_equal_the_materialised_estimates(tokens):
+    """With one JVP the statistics skip forming Ĝ = diag(d) V; they must equal Ĝᵀ E and ‖Ĝ‖² of
+    the estimates themselves, also when a sample owns several rows (tokens)."""
+    module = build("grape", shape=(6,), classes=3, depth=2, width=5)
+    g = torch.Generator().manual_seed(3)
+    batch = 4
+    errors = torch.randn(batch * tokens, 3, generator=g, dtype=torch.float64)
+    d = torch.randn(batch, generator=g, dtype=torch.float64)
+    vs = [torch.randn(batch, tokens, 5, generator=g, dtype=torch.float64).squeeze(1) for _ in range(2)]
+    fast = module.alignment_statistics([d], errors, [vs], [None])
+    estimates = [v * d.view(-1, *([1] * (v.dim() - 1))) for v in vs]
+    for i, est in enumerate(estimates):
+        rows = est.reshape(batch * tokens, -1)
+        torch.testing.assert_close(fast[2 * i], rows.t().mm(errors), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast[2 * i + 1], rows.pow(2).sum().reshape(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast[-1], errors.t().mm(errors))
+    # two JVPs average their estimates: the same statistics as the mean Ĝ
+    two = module.alignment_statistics([d, 2 * d], errors, [vs, vs], [None, None])
+    torch.testing.assert_close(two[0], 1.5 * fast[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(two[1], 2.25 * fast[1], rtol=1e-12, atol=1e-12)
+
+
 def test_literal_eq6_leaves_b_direction_unchanged_and_norms_stay_constant():
     literal = build("grape", "algorithm.b_update=literal", "algorithm.b_noise=0.0", "algorithm.b_lr=0.5")
     default = build("grape", "algorithm.b_lr=0.05")

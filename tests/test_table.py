@@ -209,3 +209,20 @@ def test_a_column_run_on_the_synthetic_stand_in_reads_data_unavailable(tmp_path,
     assert "runs on `synthetic` at this budget" in text
     csv_rows = read_csv(tmp_path / "results" / "test-standin.csv")
     assert [(r["data"], r["stands_in_for"]) for r in csv_rows] == [("synthetic", "cifar10")]  # in its own column
+
+
+def test_scientific_notation_and_fields_a_row_does_not_have():
+    """al-5's losses span 1e-5 to 1e-10: fixed-point would print 0.00 for every cell; and a
+    1-component net logs no s2-t2, which is not a cell still to run."""
+    from omegaconf import OmegaConf
+
+    from bench.results.table import cell_text, number_format
+
+    sci = number_format(OmegaConf.create({"metric": {"notation": "scientific", "digits": 2}}))
+    assert number_format(OmegaConf.create({"metric": {}})) == ".2f"
+    rec = {"paper": 1.2488e-5, "measured_mean": 4.5567e-3, "measured_std": 0.0, "seeds": 1,
+           "delta": 4.5442e-3, "status": "finished"}
+    assert cell_text(rec, sci) == "1.25e-05 → **4.56e-03** (+4.54e-03)"
+    assert cell_text(rec) == "0.00 → **0.00** (+0.00)"
+    missing = {**rec, "paper": None, "measured_mean": None, "delta": None, "seeds": 0, "status": "not applicable"}
+    assert cell_text(missing, sci) == "–"

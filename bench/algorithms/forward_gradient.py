@@ -136,13 +136,27 @@ class GrAPE(AlgorithmModule):
     def _store(self, i: int, b: torch.Tensor) -> None:
         getattr(self.feedback, f"matrix_{i}").copy_(b / self.feedback.scales[i])
 
-    def alignment_statistics(self, estimates, errors, perturbations, tangents) -> list[torch.Tensor]:
+    def alignment_statistics(self, derivatives, errors, perturbations, tangents) -> list[torch.Tensor]:
         """The batch sums the cosine needs, before the all-reduce: for ``gradient``, per point
         M_i = Ĝ_iᵀ E and ‖Ĝ_i‖², then C = Eᵀ E; for ``jacobian``, per point T_i = V_iᵀ Ẏ (averaged
-        over JVPs). Rows are samples (or tokens); E is the per-row, undivided error."""
+        over JVPs). Rows are samples (or tokens); E is the per-row, undivided error; ``derivatives``
+        holds each JVP's per-sample directional derivative d (``gradient`` only)."""
         e_dim = errors.shape[-1]
         rows_e = errors.reshape(-1, e_dim)
+        if self.opts.align_to == "gradient" and len(derivatives) == 1:
+            # One JVP: Ĝ_i = diag(d) V_i is never formed. Ĝ_iᵀ E = V_iᵀ (d ⊙ E) and
+            # ‖Ĝ_i‖² = Σ_b d_b² ‖v_b‖², where a sample's d scales every one of its rows (tokens).
+            d = derivatives[0]
+            d_rows = d.repeat_interleave(rows_e.shape[0] // d.shape[0]).to(rows_e.dtype)
+            scaled = rows_e * d_rows.unsqueeze(1)
+            stats = []
+            for v in perturbations[0]:
+                v_rows = v.reshape(rows_e.shape[0], -1)
+                squares = v.reshape(d.shape[0], -1).pow(2).sum(1)
+                stats += [scaled.t().mm(v_rows).t(), torch.dot(squares, d.to(squares.dtype).pow(2)).reshape(1)]
+            return stats + [rows_e.t().mm(rows_e)]
         if self.opts.align_to == "gradient":
+            estimates = [sum(gs) / len(gs) for gs in zip(*(estimates_from(d, v) for d, v in zip(derivatives, perturbations)))]
             stats = []
             for g in estimates:
                 g2 = g.reshape(rows_e.shape[0], -1)
@@ -244,11 +258,8 @@ class GrAPE(AlgorithmModule):
                         _, t, _, v = self.forward_gradient_pass(x, cut=False)
                     tangents.append(t)
                     perturbations.append(v)
-        estimates = None
-        if a.align_to == "gradient":
-            per_jvp = [estimates_from(directional_derivative(errors, t), v) for t, v in zip(tangents, perturbations)]
-            estimates = per_jvp[0] if len(per_jvp) == 1 else [sum(gs) / len(gs) for gs in zip(*per_jvp)]
-        self.update_feedback(self.alignment_statistics(estimates, projected_errors, perturbations, tangents))
+        derivatives = [directional_derivative(errors, t) for t in tangents] if a.align_to == "gradient" else []
+        self.update_feedback(self.alignment_statistics(derivatives, projected_errors, perturbations, tangents))
         rows = logits.numel() // logits.shape[-1]
         # e = ∂(mean loss)/∂ŷ (or at the head input), as DFA projects it
         signal = projected_errors.reshape(-1, projected_errors.shape[-1]) / rows

@@ -188,9 +188,11 @@ class PEPITA(AlgorithmModule):
         e_err = torch.softmax(logits_err, -1) - onehot
         out_error = e_err if self.opts.output_error == "modulated" else e
         n = x.shape[0]
-        # 1/n rides on the narrow operand (batch × units), not on the units × inputs product
-        deltas = [(a - b).reshape(n, -1).div_(n) for a, b in zip(h, h_err)] + [out_error / n]
-        return logits, loss, [(d.t().mm(inp.reshape(n, -1)), d.sum(0)) for d, inp in zip(deltas, inputs_err)]
+        deltas = [(a - b).reshape(n, -1) for a, b in zip(h, h_err)] + [out_error]
+        # 1/n rides in the product (addmm's alpha), not in a pass over either operand
+        nothing = x.new_zeros(())
+        return logits, loss, [(torch.addmm(nothing, d.t(), inp.reshape(n, -1), beta=0, alpha=1.0 / n), d.sum(0).div_(n))
+                              for d, inp in zip(deltas, inputs_err)]
 
     def objective(self, x, y):
         """The updates reach ``.grad`` through :func:`bench.feedback.deliver.deliver` (no backward

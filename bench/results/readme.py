@@ -43,13 +43,14 @@ def _measured(table_id: str, rows: list[dict], synthetic: set[str]) -> str:
     """``column field: row value, …`` for the table's headline field (``test`` if it has one,
     else its first) in each column with finished cells, synthetic stand-ins left out."""
     from bench.config import load_table
+    from bench.results.table import number_format
 
     try:
         table = load_table(table_id)
-        digits = int(table.get("metric", {}).get("digits", 2))
+        spec = number_format(table)
         unit = str(table.get("metric", {}).get("unit", "") or "")
     except Exception:  # noqa: BLE001 - a results file whose table config went away still lists
-        digits, unit = 2, ""
+        spec, unit = ".2f", ""
     if rows and not {"field", "column", "row", "status", "measured_mean"} <= set(rows[0]):
         return f"see [results/{table_id}.csv](results/{table_id}.csv) (a measurement, not a paper-vs-measured table)"
     fields = list(dict.fromkeys(r["field"] for r in rows))
@@ -62,7 +63,7 @@ def _measured(table_id: str, rows: list[dict], synthetic: set[str]) -> str:
                 and r["measured_mean"] not in ("", None)]
         if not done:
             continue
-        values = [f"{r['row']} {float(r['measured_mean']):.{digits}f}" for r in done[:MAX_VALUES]]
+        values = [f"{r['row']} {float(r['measured_mean']):{spec}}" for r in done[:MAX_VALUES]]
         more = f" · … ({len(done) - MAX_VALUES} more)" if len(done) > MAX_VALUES else ""
         parts.append(f"{column} {field}: " + " · ".join(values) + more)
     if not parts:

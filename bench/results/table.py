@@ -37,8 +37,16 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------------- rendering
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def number_format(table: DictConfig | None) -> str:
+    """The format spec of a table's numbers: ``metric.digits`` decimals (2), fixed-point, or
+    ``metric.notation: scientific`` for quantities spanning orders of magnitude (al-5's losses)."""
+    metric = (table.get("metric", {}) if table is not None else {}) or {}
+    letter = "e" if str(metric.get("notation", "fixed")) == "scientific" else "f"
+    return f".{int(metric.get('digits', 2))}{letter}"
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}"
 
 
 def lookup(summary: dict, field_key: str):
@@ -90,7 +98,9 @@ def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
                 values = measured_values(group, key)
                 mean = statistics.fmean(values) if values else None
                 std = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
-                status = "finished" if values else next(
+                # every run finished but none logged this field: the row has no such quantity
+                # (al-5: a 1-component net has no s2-t2), not a cell still to run
+                status = "finished" if values else "not applicable" if statuses == {"finished"} else next(
                     (s for s in ("not implemented", "data unavailable", "diverged", "failed", "pending") if s in statuses),
                     "pending")
                 records.append({
@@ -108,15 +118,17 @@ def aggregate(table: DictConfig, cells: list[Cell]) -> list[dict]:
     return records
 
 
-def cell_text(rec: dict, digits: int = 2) -> str:
-    paper = _fmt(rec["paper"], digits) if rec["paper"] is not None else "–"
+def cell_text(rec: dict, spec: str = ".2f") -> str:
+    paper = _fmt(rec["paper"], spec) if rec["paper"] is not None else "–"
+    if rec["status"] == "not applicable":
+        return "–" if rec["paper"] is None else f"{paper} → *not logged by this run*"
     if rec["status"] == "diverged" and rec.get("diverged_step"):
         return f"{paper} → *diverged (step {rec['diverged_step']})*"
     if rec["status"] != "finished":
         return f"{paper} → *{rec['status']}*"
-    std = f" ± {_fmt(rec['measured_std'], digits)}" if rec["seeds"] > 1 else ""
-    delta = f" ({rec['delta']:+.{digits}f})" if rec["delta"] is not None else ""
-    return f"{paper} → **{_fmt(rec['measured_mean'], digits)}**{std}{delta}"
+    std = f" ± {_fmt(rec['measured_std'], spec)}" if rec["seeds"] > 1 else ""
+    delta = f" ({rec['delta']:+{spec}})" if rec["delta"] is not None else ""
+    return f"{paper} → **{_fmt(rec['measured_mean'], spec)}**{std}{delta}"
 
 
 def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: list[Cell]) -> str:
@@ -155,9 +167,9 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
         for col in columns:
             for f in fields:
                 rec = by_key.get((row, col, f))
-                text = cell_text(rec, int(table.get("metric", {}).get("digits", 2))) if rec else "–"
+                text = cell_text(rec, number_format(table)) if rec else "–"
                 if rec and col in synthetic_only and rec["status"] == "finished":
-                    paper = _fmt(rec["paper"], int(table.get("metric", {}).get("digits", 2))) if rec["paper"] is not None else "–"
+                    paper = _fmt(rec["paper"], number_format(table)) if rec["paper"] is not None else "–"
                     text = f"{paper} → *data unavailable* (synthetic stand-in: {_fmt(rec['measured_mean'])})"
                 cells_txt.append(text)
         lines.append("| " + " | ".join([row] + cells_txt) + " |")
@@ -220,8 +232,8 @@ def diagnostics_section(cells: list[Cell]) -> list[str]:
                     header = f.readline().strip().split(",")
                 layers = sorted(layers, key=lambda k: header.index(k) if k in header else len(header))
         angles = [f"{float(last[k]):.1f}" for k in layers]
-        lines.append(f"| {c.row} | {c.column} | {_fmt(t.get('epoch_s_mean'))} | {_fmt(t.get('step_median_ms'), 3)} | "
-                     f"{_fmt(c.summary.get('memory', {}).get('peak_mb'), 0)} | {' / '.join(angles) or '–'} |")
+        lines.append(f"| {c.row} | {c.column} | {_fmt(t.get('epoch_s_mean'))} | {_fmt(t.get('step_median_ms'), '.3f')} | "
+                     f"{_fmt(c.summary.get('memory', {}).get('peak_mb'), '.0f')} | {' / '.join(angles) or '–'} |")
     return lines
 
 

@@ -50,6 +50,18 @@ def build_module(rule: str, model_overrides: list[str], shape: list[int], num_cl
     return RULES.get(rule)(cfg, model, num_classes, tuple(shape))
 
 
+def flops(module, x, y) -> int:
+    """Floating-point operations of one update (forward + the rule's backward), by torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        surrogate, _, _ = module.objective(x, y)
+        surrogate.backward()
+    for p in module.parameters():
+        p.grad = None
+    return counter.get_total_flops()
+
+
 def _time_update(module, x, y, iters: int) -> float:
     start = time.perf_counter()
     for _ in range(iters):

@@ -10,6 +10,22 @@
 * GrAPE ÷ BP on LeNet-4 (28×28, batch 256) and on the small transformer (2 × 128, 64 tokens, batch 16).
 
 "Update time" is bench.run.perf's: forward + the rule's backward until every ``.grad`` is set.
+``flops_ratio`` is the same ratio in matrix-product FLOPs (torch's FlopCounterMode), the arithmetic
+a faster implementation cannot remove:
+
+* PEPITA ÷ BP is 1.01 in FLOPs. BP's backward does two products per layer (the weight gradient
+  and the input gradient); PEPITA's second pass does one per layer (the forward on x − F e; the
+  first layer by linearity, bench/algorithms/pepita.py) and its update one more. "Two forward
+  passes and no backward" is the same arithmetic as a backward. What PEPITA adds is elementwise:
+  the second pass evaluates the nonlinearity again (two tanh of 256 × 1024 per step, 0.75 ms of a
+  16 ms step on 2 threads, where BP multiplies by the stored derivative) and the (W_1 F)ᵀ product
+  over the classes (0.4 ms). The ReLU case shows the rest once the transcendental is gone.
+* GrAPE ÷ DFA is 1.29 in FLOPs (the tangent W_2 v_1 of the JVP: one more 256 × 1024 × 1024
+  product). The rest of the gap is the two N(0, I) perturbations of 256 × 1024: PyTorch's CPU
+  normal_ runs on one thread (a sequential Mersenne Twister), 0.9 ms each on this machine, and the
+  B update's small products and Python (1.1 ms). Drawing each perturbation in four pieces on a
+  thread pool took one draw from 0.89 to 0.63 ms alone, but made the perturbed forward slower
+  (12.3 against 11.7 ms), where OpenMP's workers still spin after each product; it was not kept.
 """
 from __future__ import annotations
 
@@ -19,7 +35,7 @@ import time
 import torch
 
 from bench.run.benchmarks import BENCHMARKS
-from bench.run.perf import build_module, interleaved_times
+from bench.run.perf import build_module, flops, interleaved_times
 
 MLP = ["model.name=mlp", "model.depth=2", "model.width=1024", "model.activation=tanh"]
 
@@ -39,6 +55,7 @@ def jvp_vs_forward(module, x, repeats: int) -> float:
 
 
 def ratio_rows(case, modules, x, y, pairs, repeats, iters, batch):
+    counts = {k: flops(m, x, y) for k, m in modules.items()}
     times, _ = interleaved_times(modules, x, y, repeats, iters, warmup=1)
     rows = []
     for rule, base, target in pairs:
@@ -46,6 +63,7 @@ def ratio_rows(case, modules, x, y, pairs, repeats, iters, batch):
         rows.append({"benchmark": "grape", "case": case, "rule": rule, "versus": base, "batch": batch,
                      "median_ms": 1000 * statistics.median(times[rule]), "ratio": ratio,
                      "ratio_to_bp": statistics.median(t / b for t, b in zip(times[rule], times["bp"])),
+                     "flops_ratio": counts[rule] / counts[base],
                      "target": f"<= {target}" if target else "", "meets_target": (ratio <= target) if target else "",
                      "repeats": repeats})
     return rows

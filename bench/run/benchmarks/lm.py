@@ -23,7 +23,7 @@ import statistics
 import torch
 
 from bench.run.benchmarks import BENCHMARKS
-from bench.run.perf import build_module, interleaved_times
+from bench.run.perf import build_module, flops, interleaved_times
 
 MODEL = ["model.name=transformer", "model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.ffn_dim=512"]
 VOCAB, SEQ, BATCH = 2048, 64, 32  # grape-3's short budget
@@ -91,18 +91,6 @@ def run(args) -> list[dict]:
     for arch, blocks in CASES:
         rows += case_rows(arch, blocks, repeats)
     return rows
-
-
-def flops(module, x, y) -> int:
-    """Floating-point operations of one update (forward + the rule's backward), by torch's counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        surrogate, _, _ = module.objective(x, y)
-        surrogate.backward()
-    for p in module.parameters():
-        p.grad = None
-    return counter.get_total_flops()
 
 
 def case_rows(arch: str, blocks: int, repeats: int) -> list[dict]:
