@@ -663,3 +663,25 @@ def test_lcnet_skip_gap_wiring(gap, wiring):
     assert module.level == {l: 1 if j == 7 else 2 for l, j in wiring.items()}
     assert module.kinds == {(j, l): "dense" if j == 7 else "conv" for l, j in wiring.items()}
     assert set(module.error_synapses) == {f"{j}_to_{l}" for l, j in wiring.items()}
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_displacement_descent_steps_eq6_the_other_way_and_nothing_else(small_cfg, closed_form):
+    """The two readings of Eq. 6's sign differ only in the error synapses' .grad, which flips
+    (bench/investigations/rlra_error_sign.py measures what each does to training)."""
+    x, y = batch()
+    grads = {}
+    for rule in ("displacement", "displacement_descent"):
+        module, linears = build(small_cfg, "rlra", 3, f"algorithm.error_update={rule}")
+        module.closed_form = closed_form and module.closed_form
+        surrogate, _, _ = module.objective(x, y)
+        surrogate.backward()
+        grads[rule] = ([lin.weight.grad.clone() for lin in linears],
+                       {k: E.grad.clone() for k, E in module.error_synapses.items()})
+    (w_a, e_a), (w_b, e_b) = grads["displacement"], grads["displacement_descent"]
+    for a, b in zip(w_a, w_b):
+        torch.testing.assert_close(a, b)
+    assert e_a.keys() == e_b.keys() and e_a
+    for k in e_a:
+        assert e_a[k].abs().max() > 0
+        torch.testing.assert_close(e_b[k], -e_a[k])

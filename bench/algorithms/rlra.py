@@ -19,6 +19,15 @@ for the MNIST/FMNIST experiments"; it is also LRA-E's rule: E tracks the transpo
 Algorithm 2 line 11 prints ΔE = −γ e_i d_jᵀ, whose shape is not E's; Eq. 6 (and Algorithm 1
 lines 29/31) is what is implemented.
 
+**The sign of ΔE.** Eq. 5's ΔW = e_i z_kᵀ is the gradient of the discrepancy ½‖z_i − y_i‖², so
+it is subtracted. Applied the same way, Eq. 6 gives E ← E + λγ d_i e_jᵀ and the displacement
+d_i = E e_j grows along itself every step (by λγ‖e_j‖² d_i under plain SGD). The appendix derives
+∂D/∂E ≈ β e_i e_jᵀ ≈ β² (φ′ ⊙ d_i) e_jᵀ (e_i ≈ β φ′ ⊙ d_i) and says the rule works "provided that we
+multiply it by −γ/β": that is Eq. 6 up to φ′, and descending D with it means E ← E − λγ d_i e_jᵀ,
+which shrinks d_i. Both readings are offered: ``displacement`` (Eq. 6 stepped like ΔW, the
+default the large-scale tables ran with) and ``displacement_descent``; the rlra-1 table's
+decisions record the measurement between them.
+
 **Wiring built from the model** (``wiring``):
 
 * MLP, plain CNN and locally-connected net (``mlp``, ``cnn``, ``sfa_mnist``, ``lcnet``): one
@@ -304,8 +313,12 @@ class LRAOptions(AlgorithmOptions):
     beta: float = opt(0.1205, "β of Eq. 3, the displacement's weight in y = φ(h − β d) (appendix: 0.1205)", ge=0)
     # Not the scheduler's `gamma` (AlgorithmOptions), hence the name.
     error_gamma: float = opt(0.1524, "γ of Eq. 6, the error synapses' rate factor (appendix: 0.1524)", ge=0)
-    error_update: Literal["displacement", "state"] = opt(
-        "displacement", "displacement: ΔE_{j→i} = −γ d_i e_jᵀ (Eq. 6) | state: ΔE_{j→i} = γ z_i e_jᵀ (LRA-E's)")
+    # Eq. 6's sign is ambiguous (module docstring, "The sign of ΔE"): displacement applies ΔE like
+    # ΔW (θ ← θ − λΔθ), which grows ‖E e‖; displacement_descent applies it the other way, the
+    # appendix's derived descent direction on the discrepancy, which shrinks it.
+    error_update: Literal["displacement", "displacement_descent", "state"] = opt(
+        "displacement", "displacement: ΔE_{j→i} = −γ d_i e_jᵀ (Eq. 6), stepped like ΔW | displacement_descent: "
+                        "the same ΔE stepped the other way | state: ΔE_{j→i} = γ z_i e_jᵀ (LRA-E's)")
     # A dense |z_i|×|z_j| matrix is infeasible between two conv or locally-connected maps.
     map_synapse: Literal["conv", "lowrank", "dense"] = opt(
         "conv", "error synapses between two maps: conv (k×k on e_j resized to z_i's H×W) | lowrank (U Vᵀ) | dense")
@@ -359,6 +372,8 @@ class RecursiveLRA(AlgorithmModule):
                                                         else (a.skip_gap, a.recursion_depth, a.alpha_depth1))
         self.alpha_depth2 = a.alpha_depth2
         self.state_rule = a.error_update == "state"
+        # the factor c of ΔE = c·d_i e_jᵀ handed to the optimizer (which subtracts it)
+        self.displacement_factor = self.gamma if a.error_update == "displacement_descent" else -self.gamma
         self.map_synapse, self.block_update = a.map_synapse, a.block_update
         self.kernel, self.rank = a.synapse_kernel, a.synapse_rank
         self.regions = (ResNetRegions(self.model, self.block_update) if _is_resnet(structure_of(self.model))
@@ -482,7 +497,7 @@ class RecursiveLRA(AlgorithmModule):
                 errors[l] = elastic(z - target, alpha)
                 targets[l] = target
                 displacements[l] = d.detach()
-                signal = self.gamma * z if self.state_rule else -self.gamma * d.detach()
+                signal = self.gamma * z if self.state_rule else self.displacement_factor * d.detach()
             e_terms.append((signal, d))
         return errors, targets, displacements, e_terms
 
@@ -565,7 +580,7 @@ class RecursiveLRA(AlgorithmModule):
                 grads.append(dW[j].t().mul(self.gamma / self.kappa[j - 1]))
                 continue
             # ΔE_{j→l} = (c/B) s_lᵀ e_j with s_l = z_l (state) or d_l (Eq. 6, c = −γ)
-            signal, c = (layers[l - 1][2], self.gamma) if self.state_rule else (disp[l], -self.gamma)
+            signal, c = (layers[l - 1][2], self.gamma) if self.state_rule else (disp[l], self.displacement_factor)
             grads.append(_outer_sum(signal, errors[j], c / rows))
         return grads, params, logits, loss
 
