@@ -12,7 +12,7 @@ from torch import nn
 
 from bench.algorithms import RULES
 from bench.algorithms.direct_feedback import DirectFeedbackAlignment
-from bench.config import compose
+from bench.config import ConfigError, compose
 from bench.feedback.direct import DirectFeedback, feedback_memory
 from bench.models import create_model
 from bench.models.base import ZooModel
@@ -53,6 +53,30 @@ def test_direct_rules_update_equals_projection_times_local_derivative(rule):
     out = module.model.net[5]  # the output layer: its true local gradient
     h2 = torch.tanh(module.model.net[3](torch.tanh(module.model.net[1](x))))
     torch.testing.assert_close(out.weight.grad, e.T @ h2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "sdfa", "drtp"])
+def test_summed_error_is_launays_per_sample_projection_and_leaves_the_output_layer_alone(rule):
+    """error_reduction=sum (Launay et al.'s code): hidden updates use the per-sample signal summed
+    over the batch, by hand; the output layer keeps the mean loss's gradient."""
+    module = build(rule, "algorithm.error_reduction=sum")
+    x, y = torch.randn(4, 6), torch.tensor([0, 2, 1, 2])
+    surrogate, logits, loss = module.objective(x, y)
+    surrogate.backward()
+    e = torch.softmax(logits.detach(), -1) - F.one_hot(y, 3)
+    signal = {"dfa": e, "sdfa": torch.sign(e), "drtp": -F.one_hot(y, 3).float()}[rule]
+    for (g_w, g_b), layer in zip(hidden_update_by_hand(module, x, signal), [module.model.net[1], module.model.net[3]]):
+        torch.testing.assert_close(layer.weight.grad, g_w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.bias.grad, g_b, rtol=1e-5, atol=1e-6)
+    out = module.model.net[5]
+    h2 = torch.tanh(module.model.net[3](torch.tanh(module.model.net[1](x))))
+    torch.testing.assert_close(out.weight.grad, e.T @ h2 / 4, rtol=1e-5, atol=1e-7)
+
+
+def test_summed_error_is_refused_at_the_hidden_injection():
+    with pytest.raises(ConfigError, match="error_reduction=sum is not valid with algorithm.error_at=hidden"):
+        compose(overrides=["algorithm.name=dfa", "algorithm.error_reduction=sum", "algorithm.error_at=hidden",
+                           "model.name=transformer", "data.name=synthetic"])
 
 
 class TwoBlocks(ZooModel):

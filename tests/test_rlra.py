@@ -51,7 +51,8 @@ def act_fn(name):
     return {"tanh": torch.tanh, "sign": torch.sign}[name]
 
 
-def hand_step(linears, E, wiring, x, y, *, act="tanh", beta, gamma, alphas, kappa, rule="displacement"):
+def hand_step(linears, E, wiring, x, y, *, act="tanh", beta, gamma, alphas, kappa, rule="displacement",
+              space="activity"):
     """Algorithm 1 written out: returns targets, errors, displacements, ΔW, Δb and ΔE (batch means).
 
     ``wiring`` = {i: j} for d_i = E_{j→i} e_j; ``alphas`` = {i: α_e} of the hidden error units.
@@ -71,8 +72,12 @@ def hand_step(linears, E, wiring, x, y, *, act="tanh", beta, gamma, alphas, kapp
         for l in range(L - 1, 0, -1):
             j = wiring[l]
             d[l] = errors[j] @ E[(j, l)].T
-            targets[l] = phi(h[l] - beta * d[l])
-            diff = z[l] - targets[l]
+            if space == "preactivation":  # the error unit compares pre-activations: h − (h − βd)
+                targets[l] = h[l] - beta * d[l]
+                diff = h[l] - targets[l]
+            else:
+                targets[l] = phi(h[l] - beta * d[l])
+                diff = z[l] - targets[l]
             a = alphas[l]
             errors[l] = a * diff + (1 - a) * torch.sign(diff)
         dW = {l: kappa[l - 1] * errors[l].T @ z[l - 1] / B for l in range(1, L + 1)}
@@ -97,6 +102,10 @@ CASES = [
     # sign units with a large β so targets flip: the update must carry no φ′ (nor its STE)
     ("rlra-sign", "rlra", 2, ["model.activation=sign", "algorithm.beta=3.0"], {2: 3, 1: 2}, {2: 1.0, 1: 1.0},
      [1, 1, 1], "sign", "displacement"),
+    # the other reading of Eq. 3–4 for sign units: error units on pre-activations, e = βd everywhere
+    ("rlra-sign-preactivation", "rlra", 2, ["model.activation=sign", "algorithm.beta=3.0",
+                                            "algorithm.target_space=preactivation"], {2: 3, 1: 2}, {2: 1.0, 1: 1.0},
+     [1, 1, 1], "sign", "displacement"),
     ("rlra-state-rule", "rlra", 2, ["algorithm.error_update=state"], {2: 3, 1: 2}, {2: 1.0, 1: 1.0}, [1, 1, 1],
      "tanh", "state"),
     # state rule with κ: the pairwise ΔE_{ℓ+1→ℓ} = γ z_ℓᵀ e_{ℓ+1} must not pick up κ_{ℓ+1} from ΔW_{ℓ+1}
@@ -116,7 +125,8 @@ def test_one_step_matches_algorithm_1_by_hand(small_cfg, case):
     E = {(j, i): module.error_synapses[f"{j}_to_{i}"].detach().clone() for i, j in wiring.items()}
     x, y = batch()
     hand = hand_step(linears, E, wiring, x, y, act=act, beta=float(a.beta), gamma=float(a.error_gamma),
-                     alphas=alphas, kappa=kappa, rule=e_rule)
+                     alphas=alphas, kappa=kappa, rule=e_rule,
+                     space="preactivation" if "algorithm.target_space=preactivation" in overrides else "activity")
     L = depth + 1
 
     layers = module.forward_layers(x)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from bench.algorithms.base import RULES, AlgorithmModule
 from bench.feedback.direct import DirectFeedback
+from bench.feedback.noise import rank_and_world
 from bench.models.base import point_sizes
 from bench.options import AlgorithmOptions, ClassVar, ConfigError, Literal, opt
 
@@ -45,7 +46,17 @@ class DirectOptions(AlgorithmOptions):
         "logits", "where the projected error e is taken: logits = ∂L/∂ŷ (vocabulary-sized for a language model) | "
                   "hidden = ∂L/∂(input of the output projection lm_head), per token (Launay et al. 2020's default)")
 
+    # Launay et al.'s code (lightonai/principled-dfa-training, dfatools/models.py) projects the raw
+    # per-sample softmax − onehot, never divided by the batch, while the output layer keeps the mean
+    # loss's gradient: its hidden updates are batch-size times ours at the same learning rate.
+    error_reduction: Literal["mean", "sum"] = opt(
+        "mean", "hidden updates: mean = the batch mean, as the loss's gradient | sum = summed over the batch "
+                "(Launay et al.'s code; the output layer keeps the mean)")
+
     def check(self, cfg) -> None:
+        if self.error_reduction == "sum" and self.error_at == "hidden":
+            raise ConfigError("algorithm.error_reduction=sum is not valid with algorithm.error_at=hidden; "
+                              "expected error_reduction=mean (the summed form is Launay et al.'s classifier code)")
         if self.error_at == "hidden":
             if self.name == "drtp":
                 raise ConfigError("algorithm.error_at=hidden is not valid for drtp: DRTP projects the one-hot target, "
@@ -72,6 +83,7 @@ class DirectFeedbackAlignment(AlgorithmModule):
         self.feedback = DirectFeedback(sizes, error_size, unified=a.unified, normalize=a.normalize,
                                        init=a.feedback_init, seed=int(self.cfg.seed) + 1)
         self.feedback_device = a.feedback_device
+        self.error_reduction = a.error_reduction
         self.tap.cut = True
         self._setup_bottleneck(a.bottleneck_layer, a.bottleneck_neurons)
 
@@ -134,6 +146,10 @@ class DirectFeedbackAlignment(AlgorithmModule):
         if self.error_at == "hidden":  # the head's pre-hook already wired the injection
             return loss, logits, loss
         signal = self.global_signal(logits, y, loss).detach()
+        if self.error_reduction == "sum":
+            # × the global batch: DDP's mean over ranks of per-rank sums is then the global sum
+            rows = logits.numel() // logits.shape[-1]
+            signal = signal * (rows * rank_and_world()[1])
         if self.feedback_device:
             signal = signal.to(self.feedback_device)
         surrogate = loss

@@ -334,6 +334,12 @@ class LRAOptions(AlgorithmOptions):
     error_init: Literal[("unit", *FEEDBACK_INITS)] = opt(
         "gaussian", "error synapses: gaussian N(0, σ²) (the MLP protocol) | unit N(0, 1) (the ResNets) | xavier | kaiming | uniform")
     error_sigma: float = opt(0.05, "σ of the error synapses for gaussian/uniform (the paper tunes σ in [0.025, 0.1])", gt=0)
+    # Where Eq. 3–4's target and error units live. The text compares the target y_i = φ(h_i − βd_i)
+    # with the activity z_i (activity, the default). With φ = sign that error is non-zero only where
+    # the displacement flips a unit (|h_i| < β|d_i|); comparing pre-activations instead gives
+    # e_i = h_i − (h_i − βd_i) = βd_i at every unit. rlra-1's decisions record the measurement.
+    target_space: Literal["activity", "preactivation"] = opt(
+        "activity", "error units: activity = z − φ(h − βd) (Eq. 3–4) | preactivation = h − (h − βd) = βd")
     # Off by default: the first step compiles (tens of seconds cold, a few from inductor's disk
     # cache) and a new batch shape recompiles once; the speed-up is in results/perf/rlra.csv.
     compile: bool = opt(False, "torch.compile the closed-form update of a dense MLP (hash-neutral)")
@@ -371,6 +377,7 @@ class RecursiveLRA(AlgorithmModule):
         self.skip_gap, self.depth, self.alpha_depth1 = ((1, 1, 1.0) if self.pairwise_only
                                                         else (a.skip_gap, a.recursion_depth, a.alpha_depth1))
         self.alpha_depth2 = a.alpha_depth2
+        self.preactivation_targets = a.target_space == "preactivation"
         self.state_rule = a.error_update == "state"
         # the factor c of ΔE = c·d_i e_jᵀ handed to the optimizer (which subtracts it)
         self.displacement_factor = self.gamma if a.error_update == "displacement_descent" else -self.gamma
@@ -490,11 +497,12 @@ class RecursiveLRA(AlgorithmModule):
             d = self.transmit(j, l, errors[j])  # graph to E only: errors are detached
             _, h, z = layers[l - 1]
             with torch.no_grad():
-                target = self.acts[l - 1](h.detach() - self.beta * d.detach())
+                shifted = h.detach() - self.beta * d.detach()
+                target = shifted if self.preactivation_targets else self.acts[l - 1](shifted)
                 # Level 1: the unit ends a skip synapse from the output (Alg. 1 line 17) or sits at
                 # a block output; deeper: it ends a pairwise synapse inside a block (line 19).
                 alpha = self.alpha_depth1 if self.level[l] == 1 else self.alpha_depth2
-                errors[l] = elastic(z - target, alpha)
+                errors[l] = elastic((h.detach() if self.preactivation_targets else z) - target, alpha)
                 targets[l] = target
                 displacements[l] = d.detach()
                 signal = self.gamma * z if self.state_rule else self.displacement_factor * d.detach()
@@ -554,7 +562,9 @@ class RecursiveLRA(AlgorithmModule):
             j = self.source[l]
             _, h, z = layers[l - 1]
             disp[l] = d = errors[j].mm(self.error_matrix(j, l).t())
-            if isinstance(self.acts[l - 1], nn.Tanh):
+            if self.preactivation_targets:
+                diff = d * self.beta  # h − (h − βd)
+            elif isinstance(self.acts[l - 1], nn.Tanh):
                 # z − tanh(h − βd) as z + 1 − 2σ(2(h − βd)): torch.tanh is 2–4× slower than
                 # torch.sigmoid on the AVX2 CPU build (|difference| ≤ 3e-7)
                 diff = torch.sub(h, d, alpha=self.beta).mul_(2).sigmoid_().mul_(-2).add_(z).add_(1)

@@ -19,10 +19,7 @@ import time
 import torch
 
 import bench.algorithms.rlra as rlra
-from bench.algorithms import RULES
-from bench.config import compose
-from bench.data import create_datamodule
-from bench.models import create_model
+from bench.investigations.common import train_and_validate
 
 RULES_MEASURED = ("displacement", "displacement_descent", "state")
 PROTOCOL = ["model.name=mlp", "model.depth=5", "model.width=256", "model.activation=tanh", "model.init=gaussian",
@@ -30,55 +27,29 @@ PROTOCOL = ["model.name=mlp", "model.depth=5", "model.width=256", "model.activat
             "data.batch_size=32", "data.val_size=2000", "data.normalize=none", "seed=0"]
 
 
-def validation_error(module, loader) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((module.model(x).argmax(1) == y).sum())
-            total += len(y)
-    return 100.0 - 100.0 * correct / total
-
-
 def measure(rule: str, epochs: int, subset: int | None, log_every: int) -> list[dict]:
     """One run: a row per logged step (norms) and per epoch end (validation error)."""
-    overrides = ["algorithm.name=rlra", f"algorithm.error_update={rule}", *PROTOCOL]
-    if subset:
-        overrides.append(f"data.train_subset={subset}")
-    cfg = compose(overrides=overrides)
-    torch.manual_seed(0)
-    data = create_datamodule(cfg.data, 0)
-    data.setup("fit")
-    module = RULES.get("rlra")(cfg, create_model(cfg.model, tuple(data.input_shape), data.num_classes),
-                               data.num_classes, tuple(data.input_shape))
-    optimizer = torch.optim.Adam(module.parameters(), lr=float(cfg.algorithm.lr))
     seen: list[tuple[float, float]] = []
+    rows: list[dict] = []
     real = rlra._outer_sum
 
     def spy(signal, error, scale):  # every ΔE of the closed form passes here: (d_i or z_i, e_j)
         seen.append((float(signal.norm(dim=1).mean()), float(error.norm(dim=1).mean())))
         return real(signal, error, scale)
 
-    rows, step = [], 0
+    def on_step(step: int) -> None:
+        if step == 1 or step % log_every == 0:
+            rows.append({"rule": rule, "step": step, "displacement": [d for d, _ in seen],
+                         "source_error": [e for _, e in seen]})
+        seen.clear()
+
     rlra._outer_sum = spy
     try:
-        for epoch in range(1, epochs + 1):
-            for x, y in data.train_dataloader():
-                seen.clear()
-                for p in module.parameters():
-                    p.grad = None
-                surrogate, _, _ = module.objective(x, y)
-                surrogate.backward()
-                optimizer.step()
-                step += 1
-                if step == 1 or step % log_every == 0:
-                    rows.append({"rule": rule, "step": step, "displacement": [d for d, _ in seen],
-                                 "source_error": [e for _, e in seen]})
-            rows.append({"rule": rule, "step": step, "epoch": epoch,
-                         "val_err": validation_error(module, data.val_dataloader())})
-            print(f"{rule}: epoch {epoch} validation error {rows[-1]['val_err']:.2f} %", flush=True)
+        errors = train_and_validate(["algorithm.name=rlra", f"algorithm.error_update={rule}", *PROTOCOL], epochs,
+                                    subset, on_step, label=rule)
     finally:
         rlra._outer_sum = real
-    return rows
+    return rows + [{"rule": rule, "epoch": e, "val_err": v} for e, v in enumerate(errors, start=1)]
 
 
 def main(argv=None) -> None:
