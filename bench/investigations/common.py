@@ -2,6 +2,7 @@
 so a measurement can look inside a step (``on_step``) and runs in seconds."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,3 +47,10 @@ def train_and_validate(overrides: list[str], epochs: int, subset: int | None = N
         errors.append(validation_error(module, data.val_dataloader()))
         print(f"{label}: epoch {epoch} validation error {errors[-1]:.2f} %", flush=True)
     return errors
+
+
+def write_report(path: str, lines: list[str]) -> None:
+    """The investigation's Markdown evidence, under results/investigations/."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")

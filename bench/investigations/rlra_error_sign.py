@@ -19,7 +19,7 @@ import time
 import torch
 
 import bench.algorithms.rlra as rlra
-from bench.investigations.common import train_and_validate
+from bench.investigations.common import train_and_validate, write_report
 
 RULES_MEASURED = ("displacement", "displacement_descent", "state")
 PROTOCOL = ["model.name=mlp", "model.depth=5", "model.width=256", "model.activation=tanh", "model.init=gaussian",
@@ -78,10 +78,7 @@ def main(argv=None) -> None:
     for rule in RULES_MEASURED:
         errs = [r["val_err"] for r in rows if r["rule"] == rule and "val_err" in r]
         lines.append(f"| {rule} | " + " | ".join(f"{v:.2f}" for v in errs) + " |")
-    from pathlib import Path
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {a.out}")
+    write_report(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-
 import torch
 
-from bench.investigations.common import train_and_validate
+from bench.investigations.common import train_and_validate, write_report
 
 PROTOCOL = ["algorithm.name=rlra", "algorithm.error_update=state", "model.name=mlp", "model.depth=5",
             "model.width=256", "model.activation=sign", "model.init=gaussian", "algorithm.optimizer=adam",
@@ -58,9 +56,7 @@ def main(argv=None) -> None:
              "|---|---|" + "---|" * a.epochs]
     for (setting, reading), errors in results.items():
         lines.append(f"| {setting} | {reading} | " + " | ".join(f"{v:.2f}" for v in errors) + " |")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {a.out}")
+    write_report(a.out, lines)
 
 
 if __name__ == "__main__":
