@@ -138,7 +138,7 @@ def test_committed_figures_redrawn_from_their_csvs_carry_what_was_measured(tmp_p
     (ax,) = captured.pop().axes
     assert ax.get_title().endswith("\nfmnist") and ax.get_legend().get_title().get_text() == "rule, activation"
     assert all(float(t).is_integer() for t in ax.get_xticks())
-    assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3, 3, 3]
+    assert [len(line.get_xdata()) for line in ax.get_lines()] == [10, 10, 10, 10]  # the short run: 10 epochs
 
     drawn, _ = rerender("sfa-fig5", results)
     flips = captured[[p.name for p in drawn].index("sfa-fig5-flips.png")]
