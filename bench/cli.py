@@ -64,15 +64,17 @@ def cmd_run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def check_rows_early(table_id: str, rows: list[str] | None) -> None:
-    """An unknown table or --rows name fails before the table machinery (and Lightning) is imported."""
+def check_rows_early(table_id: str, rows: list[str] | None, columns: list[str] | None = None) -> None:
+    """An unknown table, --rows or --columns name fails before the table machinery (and Lightning) is imported."""
     table = load_table(table_id)
     for r in rows or []:
         resolve_name("row", r, table.rows.keys(), table_id)
+    for c in columns or []:
+        resolve_name("column", c, table.columns.keys(), table_id)
 
 
 def cmd_table(args: argparse.Namespace) -> None:
-    check_rows_early(args.table, args.rows)
+    check_rows_early(args.table, args.rows, args.columns)
     from rich.console import Console
     from rich.markdown import Markdown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -83,7 +85,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
     table, cells = expand(args.table, args.budget, output_root=args.output_root, overrides=args.overrides,
                           seeds=args.seeds)
-    todo = select_rows(table, cells, args.rows)
+    todo = select_rows(table, cells, args.rows, args.columns)
     check_folders(cells, args.results)
     quiet = not interactive()
     console = Console()
@@ -128,13 +130,16 @@ def print_table(table, budget: str, cells, results: str, quiet: bool, console) -
         console.print(f"wrote {md} and {md.with_suffix('.csv')}")
 
 
-def select_rows(table, cells, rows: list[str] | None):
-    """The cells of the rows named by --rows (as the table spells them, or their slugs); an unknown
-    name is one line. The rendered table still shows every row's finished runs."""
-    if not rows:
-        return cells
-    names = {resolve_name("row", r, table.rows.keys(), table.id) for r in rows}
-    return [c for c in cells if c.row in names]
+def select_rows(table, cells, rows: list[str] | None, columns: list[str] | None = None):
+    """The cells of the rows named by --rows and the columns named by --columns (as the table spells
+    them, or their slugs); an unknown name is one line. The rendered table still shows every finished run."""
+    if rows:
+        names = {resolve_name("row", r, table.rows.keys(), table.id) for r in rows}
+        cells = [c for c in cells if c.row in names]
+    if columns:
+        names = {resolve_name("column", c, table.columns.keys(), table.id) for c in columns}
+        cells = [c for c in cells if c.column in names]
+    return cells
 
 
 def check_folders(cells, results: str) -> None:
@@ -151,7 +156,7 @@ def check_folders(cells, results: str) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     if args.table:
-        check_rows_early(args.table, args.rows if args.local else None)
+        check_rows_early(args.table, args.rows if args.local else None, args.columns if args.local else None)
     from bench.run import sweep as sw
 
     sweeps_dir = Path(args.sweeps_dir) if args.sweeps_dir else None
@@ -175,7 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     budget = args.budget or "smoke"
     table, cells = sw.plan(args.table, budget, output_root=args.output_root, overrides=args.overrides,
                            seeds=args.seeds)
-    todo = select_rows(table, cells, args.rows)
+    todo = select_rows(table, cells, args.rows, args.columns)
     check_folders(cells, args.results)
     quiet = not interactive()
     console = Console()
@@ -303,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", choices=table_ids(), metavar="TABLE")
     p.add_argument("--budget", default="smoke", choices=budget_names())
     p.add_argument("--rows", nargs="*", default=None, help="only these rows")
+    p.add_argument("--columns", nargs="*", default=None, help="only these columns")
     p.add_argument("--seeds", type=int, default=None, help="override the budget's seed count")
     p.add_argument("--output-root", default=None, help="run folders root (default: output.root)")
     p.add_argument("--results", default="results", help="where the rendered table goes")
@@ -322,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--local: default smoke; --wandb: default full (the sweep file)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose last run failed")
     p.add_argument("--rows", nargs="*", default=None, help="only these rows (--local)")
+    p.add_argument("--columns", nargs="*", default=None, help="only these columns (--local)")
     p.add_argument("--seeds", type=int, default=None, help="override the budget's seed count (--local)")
     p.add_argument("--output-root", default=None, help="run folders root (default: output.root)")
     p.add_argument("--results", default="results", help="where the rendered table goes")

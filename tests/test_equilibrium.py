@@ -139,7 +139,8 @@ def test_one_step_matches_hand_computation_on_a_2_unit_toy(small_cfg):
     gb1, gb2 = -(h1 - h0).sum(0) / (beta * B), -(o1 - o0).sum(0) / (beta * B)
     assert gW1.abs().max() > 1e-2 and gW2.abs().max() > 1e-2
 
-    free, nudged = module.phases(x, y, 0.5)
+    free, nudged, reference = module.phases(x, y, 0.5)
+    assert reference is free  # one-sided: the update differences against s⁰
     for got, want in zip([*free, *nudged], [h0, o0, h1, o1]):
         assert torch.allclose(got, want, atol=1e-7)
     surrogate, logits, loss = module.objective(x, y)
@@ -153,7 +154,7 @@ def test_one_step_matches_hand_computation_on_a_2_unit_toy(small_cfg):
     s0 = [torch.tensor([[0.3, 1.0]]), torch.tensor([[0.0, 0.5]])]
     sb = [torch.tensor([[0.4, 0.9]]), torch.tensor([[0.25, 0.5]])]
     xg = torch.tensor([[1.0, 0.5]])
-    module.phases = lambda *_: (s0, sb)
+    module.phases = lambda *_: (s0, sb, s0)
     module.zero_grad()
     module.objective(xg, torch.tensor([0]))[0].backward()
     # ΔW_2 = (1/β)(s^β_2 s^β_1ᵀ − s⁰_2 s⁰_1ᵀ) = 2·([[.1, .225], [.2, .45]] − [[0, 0], [.15, .5]])
@@ -161,6 +162,59 @@ def test_one_step_matches_hand_computation_on_a_2_unit_toy(small_cfg):
     # ΔW_1 = (1/β)(s^β_1 − s⁰_1) xᵀ = 2·[[.1], [−.1]]·[1, .5]
     assert torch.allclose(module.linears[0].weight.grad, -torch.tensor([[0.2, 0.1], [-0.2, -0.1]]), atol=1e-6)
     assert torch.allclose(module.linears[1].bias.grad, -torch.tensor([0.5, 0.0]), atol=1e-6)
+
+
+def test_symmetric_nudging_by_hand_and_its_smaller_bias(small_cfg):
+    """Laborieux et al. 2021 Eq. 7: .grad = −(1/2β)(ρ(s^β)ρ(s^β)ᵀ − ρ(s^−β)ρ(s^−β)ᵀ); its error against
+    the BPTT gradient is second order in β where the one-sided one is first order."""
+    module = build(small_cfg, "algorithm.n_free=1", "algorithm.n_nudged=1", "algorithm.beta=0.5",
+                   "algorithm.nudging=symmetric", d_in=2, width=2, classes=2, depth=1, w_scale=0.9)
+    W1, b1 = module.linears[0].weight.detach().clone(), module.linears[0].bias.detach().clone()
+    W2, b2 = module.linears[1].weight.detach().clone(), module.linears[1].bias.detach().clone()
+    x, y, eps, beta = torch.tensor([[0.2, 0.9], [1.0, 0.4]]), torch.tensor([1, 0]), 0.5, 0.5
+    onehot, clip = F.one_hot(y, 2).float(), (lambda v: torch.clamp(v, 0, 1))
+    h0, o0 = clip(eps * (x @ W1.T + b1)), clip(eps * b2.expand(2, 2))
+    nudge = {sign: (clip((1 - eps) * h0 + eps * (x @ W1.T + b1 + o0 @ W2)),
+                    clip((1 - eps) * o0 + eps * (h0 @ W2.T + b2 + sign * beta * (onehot - o0)))) for sign in (1, -1)}
+    (hp, op), (hm, om) = nudge[1], nudge[-1]
+    assert not torch.allclose(op, om)
+    want = {"W2": -(op.T @ hp - om.T @ hm) / (2 * beta * 2), "W1": -((hp - hm).T @ x) / (2 * beta * 2)}
+    module.objective(x, y)[0].backward()
+    assert torch.allclose(module.linears[1].weight.grad, want["W2"], atol=1e-6)
+    assert torch.allclose(module.linears[0].weight.grad, want["W1"], atol=1e-6)
+
+    def error(nudging, beta):
+        m = build(small_cfg, "algorithm.n_free=400", "algorithm.n_nudged=400", f"algorithm.beta={beta}",
+                  f"algorithm.nudging={nudging}", double=True)
+        xb, yb = batch(double=True)
+        with m.true_gradient():
+            bp = flat(torch.autograd.grad(m.loss_fn(m.model(xb), yb), params(m)))
+        ep = flat(torch.autograd.grad(m.objective(xb, yb)[0], params(m)))
+        return float((ep - bp).norm() / bp.norm())
+
+    # Small β: at β ≥ 0.1 the anti-nudge −β(y − s_L) can carry this toy net into another basin
+    # (relative error 2.3 at β = 0.1), so the orders are read where both phases stay near s⁰.
+    one, sym = [error("one_sided", b) for b in (0.02, 0.01)], [error("symmetric", b) for b in (0.02, 0.01)]
+    assert one[0] / one[1] == pytest.approx(2, rel=0.25)   # O(β)
+    assert sym[0] / sym[1] == pytest.approx(4, rel=0.25)   # O(β²)
+    assert sym[0] < one[0] / 5
+
+
+def test_feedforward_start_is_the_clipped_forward_pass_and_settles_to_the_same_point(small_cfg):
+    module = build(small_cfg, "algorithm.free_init=feedforward", "algorithm.n_free=300", double=True)
+    x, _ = batch(double=True)
+    W, b = [lin.weight.detach() for lin in module.linears], [lin.bias.detach() for lin in module.linears]
+    h1 = torch.clamp(x @ W[0].T + b[0], 0, 1)
+    h2 = torch.clamp(h1 @ W[1].T + b[1], 0, 1)
+    start = module.feedforward_states(x)
+    assert torch.allclose(start[0], h1) and torch.allclose(start[1], h2)
+    assert torch.allclose(start[2], torch.clamp(h2 @ W[2].T + b[2], 0, 1))
+    # closer to the fixed point than s = 0, and relaxing from it reaches the zero start's fixed point
+    assert residual(module, x, start) < residual(module, x, module.zero_states(x))
+    with torch.no_grad():
+        from_zero = module.settle(x, module.zero_states(x), 300)
+    for got, want in zip(module.free_phase(x), from_zero):
+        assert torch.allclose(got, want, atol=1e-8)
 
 
 def test_random_sign_draws_both_signs(small_cfg):
@@ -247,3 +301,4 @@ def test_bad_configs_fail_with_one_line(small_cfg, overrides, message):
         model = create_model(cfg.model, (1, 6, 6), 3)
         EquilibriumPropagation(cfg, model, 3, (1, 6, 6))
     assert "\n" not in str(exc.value)
+

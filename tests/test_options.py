@@ -215,6 +215,8 @@ def test_readme_rule_options_table_is_current():
     (["sweep", "rlra-1", "--local", "--rows", "bogus"], "unknown row 'bogus' of table rlra-1"),
     (["sweep", "nope", "--local"], "unknown table 'nope'"),
     (["table", "rlra-1", "--rows", "bogus"], "unknown row 'bogus' of table rlra-1"),
+    (["sweep", "sfa-1", "--local", "--columns", "cifar"], "unknown column 'cifar' of table sfa-1"),
+    (["table", "sfa-1", "--columns", "cifar"], "unknown column 'cifar' of table sfa-1"),
     (["compare", "/nonexistent/a", "/nonexistent/b"], "compare: '/nonexistent/a' is neither a run folder"),
     (["run", "output.root=/etc/hostname/runs"], "run folder"),
     (["run", "trainer.devices=0"], "trainer.devices=0 is not valid"),

@@ -248,6 +248,14 @@ def test_unknown_rows_are_refused_and_rows_select_by_slug(tmp_path, sweep_config
     # the rendered table still lists every row
     md = (results / f"{TABLE_ID}.md").read_text()
     assert "| BP |" in md and "| FA |" in md
+    # --columns selects the same way, and with --rows it is the intersection
+    spawns.commands.clear()
+    assert sweep_main("--local", "--columns", "four", *common) == 1
+    assert sorted(a for cmd in spawns.commands for a in cmd if a.startswith("column=")) == ["column=four"] * 2
+    spawns.commands.clear()
+    assert sweep_main("--local", "--rows", "fa", "--columns", "three", *common) == 1
+    assert sorted(a for cmd in spawns.commands for a in cmd if a.startswith(("row=", "column="))) == \
+        ["column=three", "row=fa"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -64,6 +64,7 @@ angles (no feed-forward point activations exist in a settled network).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,19 @@ class EPropOptions(AlgorithmOptions):
     # The authors use 4 / 6 / 8 for 1 / 2 / 3 hidden layers (two more per layer, enough for the
     # nudge to reach the first layer at ε = 0.5); 5 hidden layers → 12.
     n_nudged: int = opt(12, "nudged-phase relaxation steps", ge=1)
+    # Laborieux, Ernoult, Scellier, Bengio, Grollier & Querlioz, "Scaling equilibrium propagation to
+    # deep ConvNets by drastically reducing its gradient estimator bias" (Frontiers in Neuroscience
+    # 2021, arXiv:2006.03824), Eq. 7: nudge by +β and by −β from s⁰ and difference the two. The
+    # O(β) bias cancels exactly (not only on average, as random_sign does), and so does any drift
+    # of an unconverged free phase, which is the same in both nudged phases.
+    nudging: Literal["one_sided", "symmetric"] = opt(
+        "one_sided", "one_sided: s^β − s⁰ (Scellier & Bengio); symmetric: (s^β − s^−β)/2 (Laborieux et al. 2021)")
+    # zero is the paper's start. feedforward starts the free phase from the clipped feed-forward
+    # pass s_ℓ = clip(W_ℓ s_{ℓ−1} + b_ℓ, 0, 1), which is the fixed point when the top-down terms
+    # vanish, so fewer relaxation steps reach a given residual (O'Connor, Gavves & Welling 2019,
+    # "Initialized equilibrium propagation for backprop-free training", learn a separate network for
+    # this; here it is the same weights, which costs one forward pass).
+    free_init: Literal["zero", "feedforward"] = opt("zero", "the free phase's starting state")
 
     def check(self, cfg) -> None:
         if self.beta == 0.0:
@@ -147,6 +161,7 @@ class EquilibriumPropagation(AlgorithmModule):
         self.beta, self.epsilon = a.beta, a.epsilon
         self.n_free, self.n_nudged = a.n_free, a.n_nudged
         self.random_sign = a.random_sign
+        self.nudging, self.free_init = a.nudging, a.free_init
         # Not the global RNG: its state after Lightning's setup differs between a DDP run and a
         # single-process one (tests/test_ddp.py failed with it), and a resumed run must continue
         # the stream (bench/feedback/noise.py).
@@ -214,8 +229,17 @@ class EquilibriumPropagation(AlgorithmModule):
             s = [torch.clamp(torch.lerp(sl, d.to(sl.dtype), eps), 0.0, 1.0) for sl, d in zip(s, drives)]
         return s
 
+    def feedforward_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """s_ℓ = clip(W_ℓ s_{ℓ−1} + b_ℓ, 0, 1) from s_0 = ρ(x): the fixed point without top-down terms."""
+        states, below = [], rho(x)
+        for lin in self.linears:
+            below = torch.clamp(lin(below), 0.0, 1.0)
+            states.append(below)
+        return states
+
     def free_phase(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.settle(x, self.zero_states(x), self.n_free)
+        start = self.feedforward_states(x) if self.free_init == "feedforward" else self.zero_states(x)
+        return self.settle(x, start, self.n_free)
 
     # ------------------------------------------------------------------ one step
     def ep_beta(self) -> float:
@@ -227,19 +251,23 @@ class EquilibriumPropagation(AlgorithmModule):
         return self.beta if heads else -self.beta
 
     def phases(self, x: torch.Tensor, y: torch.Tensor, beta: float):
-        """(s⁰, s^β): the free fixed point and the nudged one reached from it (no graph)."""
+        """(s⁰, s^β, reference): the free fixed point, the nudged one reached from it, and the state
+        the update differences against — s⁰ (one-sided) or s^−β (symmetric). No graph."""
         with torch.no_grad():
             free = self.free_phase(x)
             target = F.one_hot(y, free[-1].shape[-1]).to(free[-1].dtype)
             nudged = self.settle(x, free, self.n_nudged, beta, target)
-        return free, nudged
+            reference = self.settle(x, free, self.n_nudged, -beta, target) if self.nudging == "symmetric" else free
+        return free, nudged, reference
 
     def objective(self, x, y):
         x = self.flatten(x)
         beta = self.ep_beta()
-        free, nudged = self.phases(x, y, beta)
-        # ∂S/∂θ = (1/β)(∂E/∂θ(s^β) − ∂E/∂θ(s⁰)) = −(1/β)(ρ(s^β_ℓ)ρ(s^β_{ℓ−1})ᵀ − ρ(s⁰_ℓ)ρ(s⁰_{ℓ−1})ᵀ)
-        surrogate = (self.energy(x, nudged) - self.energy(x, free)).mean() / beta
+        free, nudged, reference = self.phases(x, y, beta)
+        # ∂S/∂θ = (1/β)(∂E/∂θ(s^β) − ∂E/∂θ(s⁰)) = −(1/β)(ρ(s^β_ℓ)ρ(s^β_{ℓ−1})ᵀ − ρ(s⁰_ℓ)ρ(s⁰_{ℓ−1})ᵀ);
+        # symmetric: the reference is s^−β and the distance between the two nudges is 2β.
+        span = 2 * beta if self.nudging == "symmetric" else beta
+        surrogate = (self.energy(x, nudged) - self.energy(x, reference)).mean() / span
         logits = free[-1]
         # The loss does not enter the surrogate: it is returned for metrics and the divergence guard.
         return surrogate, logits, self.loss_fn(logits, y)

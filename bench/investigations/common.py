@@ -17,7 +17,7 @@ def validation_error(module, loader) -> float:
     correct = total = 0
     with torch.no_grad():
         for x, y in loader:
-            correct += int((module.model(x).argmax(1) == y).sum())
+            correct += int((module.predict(x).argmax(1) == y).sum())  # an energy model answers with its settled state
             total += len(y)
     return 100.0 - 100.0 * correct / total
 
