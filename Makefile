@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help: ## list the targets
 	@grep -E '^[a-zA-Z%_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
 	@echo "  BUDGET=smoke|short|full   budget for reproduce-table-<id> (default: smoke)"
-	@echo "  COLUMNS=\"a b\"              only these columns of the table (e.g. COLUMNS=mnist for sfa-1 BUDGET=short)"
+	@echo "  TABLE_COLUMNS='a b'        only these columns of the table (e.g. TABLE_COLUMNS=mnist for sfa-1 BUDGET=short)"
 
 setup: $(STAMP) data ## create .venv, install the package (+dev), install Fashion-MNIST where apt exists
 
@@ -53,8 +53,8 @@ test: setup ## run the fast test suite (the README's test command)
 test-slow: setup ## run the slow tests too
 	$(PY) -m pytest -q -m "slow or not slow"
 
-reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET), PARALLEL at a time (default 2), only COLUMNS if given, render results/<id>[.<budget>].md
-	$(PY) -m bench sweep $* --local --budget $(BUDGET) --parallel $(or $(PARALLEL),2) $(if $(COLUMNS),--columns $(COLUMNS))
+reproduce-table-%: setup ## run the missing cells of table <id> at $(BUDGET), PARALLEL at a time (default 2), only TABLE_COLUMNS if given, render results/<id>[.<budget>].md
+	$(PY) -m bench sweep $* --local --budget $(BUDGET) --parallel $(or $(PARALLEL),2) $(if $(TABLE_COLUMNS),--columns $(TABLE_COLUMNS))
 
 gpu-check: setup ## on a CUDA machine: every rule family on the GPU (fp32, bf16-mixed), perf ratios, DFA memory → results/perf/gpu.csv
 	$(PY) -m bench.run.gpu_check --out results/perf/gpu.csv

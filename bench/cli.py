@@ -209,6 +209,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from bench.results.report import report
 
+    if args.decisions_only:
+        from bench.results.table import refresh_decisions
+
+        changed = refresh_decisions(load_table(args.table), args.results)
+        print("\n".join(f"wrote {md}" for md in changed) or f"{args.table}: decisions already current")
+        return
     for folder in (Path(args.results), Path(args.results) / "plots"):
         check_writable(folder, "results folder")
     md, pngs, _ = report(args.table, args.budget, output_root=args.output_root, results=args.results)
@@ -343,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="smoke", choices=budget_names())
     p.add_argument("--output-root", default=None, help="run folders root (default: output.root)")
     p.add_argument("--results", default="results", help="where the table and plots go")
+    p.add_argument("--decisions-only", action="store_true",
+                   help="only rewrite the rendered tables' notes and decisions from the config (no run folders needed)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="side-by-side metrics of two runs (run folders) or two tables (ids)")

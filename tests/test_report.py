@@ -178,3 +178,18 @@ def test_compare_a_run_with_a_table_side_warns_only_on_what_both_record():
         "warning: A and B differ in budget: smoke, 1 epoch vs short, 3, 20 epochs",
     ]
     assert differences(run, {**run, "data": {"name": "fmnist"}}) == []
+
+
+def test_decisions_only_rewrites_the_decisions_and_keeps_the_measurements(tmp_path, capsys):
+    from bench.results.table import refresh_decisions
+
+    table = OmegaConf.create({"id": "tiny", "notes": ["a note"], "decisions": ["old decision", "new decision"]})
+    measured = "| row | test |\n|---|---|\n| BP | 1.00 → **12.34** |"
+    text = f"# tiny\n\n{measured}\n\n## Protocol notes and decisions\n\n- a note\n- old decision\n\n![fig](plots/fig.png)\n"
+    (tmp_path / "tiny.md").write_text(text)
+    (tmp_path / "tiny-2.md").write_text(text)  # another table whose id starts with this one's: untouched
+    assert refresh_decisions(table, tmp_path) == [tmp_path / "tiny.md"]
+    out = (tmp_path / "tiny.md").read_text()
+    assert out == text.replace("- old decision\n", "- old decision\n- new decision\n")
+    assert (tmp_path / "tiny-2.md").read_text() == text
+    assert refresh_decisions(table, tmp_path) == []  # already current: nothing rewritten

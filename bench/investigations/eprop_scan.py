@@ -45,6 +45,12 @@ SETTINGS = {
     "symmetric, σ 0.1, lr 1e-3": ["algorithm.nudging=symmetric", "model.sigma=0.1", "algorithm.lr=1e-3"],
     "one-sided, σ 0.1": ["model.sigma=0.1"],
     "symmetric, σ 0.1, 24 nudged": ["algorithm.nudging=symmetric", "model.sigma=0.1", "algorithm.n_nudged=24"],
+    # second round, around the best of the first (symmetric, σ 0.05, β 0.5)
+    "symmetric, β 0.5, lr 1e-4": ["algorithm.nudging=symmetric", "algorithm.beta=0.5", "algorithm.lr=1e-4"],
+    "symmetric, β 0.25": ["algorithm.nudging=symmetric", "algorithm.beta=0.25"],
+    "symmetric, β 0.5, feed-forward start, 50 free": ["algorithm.nudging=symmetric", "algorithm.beta=0.5",
+                                                     "algorithm.free_init=feedforward", "algorithm.n_free=50"],
+    "symmetric, β 0.5, 24 nudged": ["algorithm.nudging=symmetric", "algorithm.beta=0.5", "algorithm.n_nudged=24"],
 }
 STEPS = (10, 20, 50, 100, 200)
 
@@ -99,6 +105,8 @@ def main(argv=None) -> None:
     with ProcessPoolExecutor(2) as pool:
         results = list(pool.map(scan_one, chosen))
     command = f"python -m bench.investigations.eprop_scan --epochs {a.epochs} --subset {a.subset}"
+    if a.only:
+        command += " --only " + " ".join(repr(n) for n in a.only) + f" --out {a.out}"
     lines = ["# Equilibrium propagation on the rlra-1 net: settling and a settings scan", "",
              f"`{command}` (5 × 256 hard-sigmoid units, Adam 2e-4 unless stated, batch 32, Fashion-MNIST, seed 0; "
              f"{time.time() - began:.0f} s in all, two settings at a time on one thread each).", "",
@@ -108,7 +116,7 @@ def main(argv=None) -> None:
              "| σ | start | " + " | ".join(f"{n} steps" for n in STEPS) + " | energy at 1,000 | top hidden mean |",
              "|---|---|" + "---|" * len(STEPS) + "---|---|", *settle_rows, "",
              f"## Scan: validation error (%) after each epoch, {a.subset or 'all'} training images", "",
-             "| setting | " + " | ".join(f"epoch {e}" for e in range(1, a.epochs + 1)) + " | train s / epoch |",
+             "| setting | " + " | ".join(f"epoch {e}" for e in range(1, a.epochs + 1)) + " | s / epoch (train + validation) |",
              "|---|" + "---|" * a.epochs + "---|"]
     for name, errors, seconds in results:
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in errors) + f" | {seconds:.0f} |")

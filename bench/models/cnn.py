@@ -157,6 +157,9 @@ class SfaMnistOptions(ModelOptions):
     names: ClassVar[tuple[str, ...]] = ("sfa_mnist",)
 
     dropout: float = opt(0.5, "dropout before the classifier (sfa §7.1)", ge=0, lt=1)
+    # sfa-2's stand-in runs this net with Model 2's variance-preserving forward init (sfa §5.4)
+    init: Literal[WEIGHT_INITS] = opt("default", "weight init: default (torch) | gaussian (σ) | xavier | kaiming | lecun (sfa §5.1)")
+    sigma: float = opt(0.05, "gaussian init std", gt=0)
 
 @MODELS.register("sfa_mnist")
 class SfaMnist(CNN):
@@ -176,9 +179,10 @@ class SfaMnist(CNN):
     6      10-way softmax                     classifier            10 (output layer)
     =====  =================================  ====================  ====================
 
-    Option: ``dropout`` (0.5, sfa §7.1). The input shape comes from the data (any H×W works).
+    Options: ``dropout`` (0.5, sfa §7.1); ``init``, ``sigma`` (as the CNN's). The input shape comes
+    from the data (any H×W works).
     """
 
-    def __init__(self, input_shape, num_classes, dropout=0.5):
+    def __init__(self, input_shape, num_classes, dropout=0.5, init="default", sigma=0.05):
         super().__init__(input_shape, num_classes, channels=(32, 64), kernel=5, activation="relu",
-                         pool="max", pool_size=2, hidden=(1024,), dropout=dropout)
+                         pool="max", pool_size=2, hidden=(1024,), dropout=dropout, init=init, sigma=sigma)

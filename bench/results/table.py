@@ -537,6 +537,34 @@ def result_suffix(out_dir: str | Path, table: DictConfig, budget: str) -> str:
     return f".{budget}"
 
 
+DECISIONS_HEADING = "## Protocol notes and decisions"
+
+
+def refresh_decisions(table: DictConfig, out_dir: str | Path = "results") -> list[Path]:
+    """Rewrite the notes-and-decisions section of every rendered ``<id>*.md`` from the table config,
+    leaving the measured cells, figures and headers as rendered. Run folders do not survive between
+    sessions here, so a decision written after its measurement (which cites that measurement) would
+    otherwise reach the published table only by rerunning it."""
+    notes, decisions = table.get("notes") or [], table.get("decisions") or []
+    section = [DECISIONS_HEADING, ""] + [f"- {n}" for n in notes] + [f"- {d}" for d in decisions]
+    changed = []
+    for md in sorted(Path(out_dir).glob(f"{table.id}*.md")):
+        if md.stem != table.id and not md.stem.startswith(f"{table.id}."):
+            continue  # another table whose id starts with this one's (rlra-1 vs rlra-10)
+        lines = md.read_text().split("\n")
+        if DECISIONS_HEADING not in lines:
+            continue
+        start = lines.index(DECISIONS_HEADING)
+        end = start + 2
+        while end < len(lines) and lines[end].startswith("- "):
+            end += 1
+        updated = "\n".join(lines[:start] + section + lines[end:])
+        if updated != "\n".join(lines):
+            write_text(md, updated)
+            changed.append(md)
+    return changed
+
+
 def write_table(table: DictConfig, budget: str, cells: list[Cell], out_dir: str | Path = "results") -> tuple[Path, str]:
     """Render the table at ``budget`` into ``out_dir`` (see the module docstring for the layout);
     returns the md written and its text."""
