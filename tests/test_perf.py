@@ -23,3 +23,15 @@ def test_update_ratios_time_every_rule_against_bp_in_one_process():
     assert [r["rule"] for r in rows] == ["bp", "fa", "usf_sn"]
     assert rows[0]["ratio_to_bp"] == 1.0 and all(r["median_ms"] > 0 and r["optimizer_step_ms"] > 0 for r in rows)
     assert [r["meets_target"] == (r["ratio_to_bp"] <= 1.05) for r in rows[1:]] == [True, True]
+
+
+def test_eprop_benchmark_rows_time_both_settings_against_bp_and_the_defaults():
+    # structure only (timings are not asserted on a noisy machine): one row per rule and batch,
+    # BP the unit of ratio_to_bp, the defaults the unit of ratio_to_default
+    from bench.run.benchmarks import eprop
+
+    rows = eprop.update_rows(repeats=1, batches=(4,))
+    assert [r["rule"] for r in rows] == ["bp", eprop.DEFAULTS, eprop.ROW]
+    assert rows[0]["ratio_to_bp"] == 1.0 and rows[0]["ratio_to_default"] == ""
+    assert rows[1]["ratio_to_default"] == 1.0
+    assert all(r["median_ms"] > 0 and r["ratio_to_bp"] > 0 and r["batch"] == 4 for r in rows)
