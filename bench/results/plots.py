@@ -96,6 +96,17 @@ def cells_provenance(table, cells, budget: str | None = None) -> str:
                       [c.summary.get("device", "") for c in finished], stand_ins)
 
 
+def distinct_styles(n: int) -> list[dict]:
+    """``n`` line styles no two of which look alike: tab20's colours, then the same colours with
+    another marker and dash, so a plot of 21 rules does not give three of them the same blue."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab20"].colors
+    markers, dashes = ["o", "s", "^", "D"], ["-", "--", "-.", ":"]
+    return [{"color": colours[i % 20], "marker": markers[(i // 20) % 4], "linestyle": dashes[(i // 20) % 4]}
+            for i in range(n)]
+
+
 def annotate(fig, text: str) -> None:
     """Write ``text`` along the bottom of the figure, outside every axis, and lay the figure out
     around it."""

@@ -185,16 +185,19 @@ def write(spec, entries: list[dict], left_out: dict[str, str], results: Path) ->
     write_text(md, "\n".join(lines) + "\n")
     write_csv(md.with_suffix(".csv"), [{k: v for k, v in e.items() if k != "curve"} for e in order])
     plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for e in order:
-        if e["curve"]:
-            xs, ys = zip(*e["curve"])
-            ax.plot(xs, ys, marker="o", markersize=3, label=e["rule"])
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    drawn = [e for e in order if e["curve"]]
+    for e, style in zip(drawn, plots.distinct_styles(len(drawn))):
+        xs, ys = zip(*e["curve"])
+        ax.plot(xs, ys, markersize=3, linewidth=1.2, label=e["rule"], **style)
     ax.axhline(target, color="0.3", linestyle="--", linewidth=0.8, label=f"target {target:g} %")
-    ax.set_xlabel("train-only seconds")
+    # a log clock: the rules' times to target span more than a decade (a few s to minutes per epoch)
+    if drawn and min(x for e in drawn for x, _ in e["curve"]) > 0:
+        ax.set_xscale("log")
+    ax.set_xlabel("train-only seconds (log scale)" if ax.get_xscale() == "log" else "train-only seconds")
     ax.set_ylabel("validation error (%)")
     ax.set_title(f"Leaderboard {spec.id}")
-    ax.legend(title="rule", fontsize=7, ncol=2)
+    ax.legend(title="rule (ranked)", fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plots.annotate(fig, plots.provenance("leaderboard", [int(spec.epochs)], 1, devices))
     plots.save(fig, results / "plots" / f"leaderboard-{spec.id}.png")
     return md
