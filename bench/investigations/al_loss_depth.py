@@ -23,6 +23,7 @@ import time
 import torch
 
 from bench.algorithms import RULES
+from bench.algorithms.associated import make_optimizer
 from bench.config import compose
 from bench.data import create_datamodule
 from bench.investigations.common import validation_error, write_report
@@ -61,12 +62,7 @@ def main(argv=None) -> None:
     shape = tuple(data.input_shape)
     module = RULES.get("al")(cfg, create_model(cfg.model, shape, data.num_classes), data.num_classes, shape)
     net = module.model
-    # the rule's two parameter groups (AssociatedLearning.configure_optimizers): g, h at 2x the forward lr
-    fwd = [q for n, q in net.named_parameters() if n.startswith(("f.", "b."))]
-    inv = [q for n, q in net.named_parameters() if n.startswith(("g.", "h."))]
-    lr = float(cfg.algorithm.lr)
-    optimizer = torch.optim.Adam([{"params": fwd, "lr": lr},
-                                 {"params": inv, "lr": lr * float(cfg.algorithm.inverse_lr_scale)}])
+    optimizer = make_optimizer(net, module.opts)  # the rule's own groups: g, h at 2x the forward lr
     probe_x, probe_y = [], []
     for xb, yb in data.train_dataloader():  # a fixed 2,048-image batch of training images
         probe_x.append(xb)

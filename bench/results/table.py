@@ -185,12 +185,21 @@ def render_markdown(table: DictConfig, budget: str, records: list[dict], cells: 
     reasons = sorted({(r["status"], r["reason"]) for r in records if r["status"] != "finished" and r["reason"]})
     if reasons:
         lines += ["", "## Why cells are empty", ""] + [f"- *{s}*: {why}" for s, why in reasons]
-    notes = table.get("notes")
-    decisions = table.get("decisions")
-    if notes or decisions:
-        lines += ["", "## Protocol notes and decisions", ""]
-        lines += [f"- {n}" for n in (notes or [])] + [f"- {d}" for d in (decisions or [])]
+    section = decisions_section(table)
+    if section:
+        lines += [""] + section
     return "\n".join(lines) + "\n"
+
+
+DECISIONS_HEADING = "## Protocol notes and decisions"
+
+
+def decisions_section(table: DictConfig) -> list[str]:
+    """The rendered table's notes-and-decisions section (empty when the table has neither)."""
+    notes, decisions = table.get("notes") or [], table.get("decisions") or []
+    if not (notes or decisions):
+        return []
+    return [DECISIONS_HEADING, ""] + [f"- {n}" for n in notes] + [f"- {d}" for d in decisions]
 
 
 def computed_line(records: list[dict]) -> str:
@@ -537,16 +546,12 @@ def result_suffix(out_dir: str | Path, table: DictConfig, budget: str) -> str:
     return f".{budget}"
 
 
-DECISIONS_HEADING = "## Protocol notes and decisions"
-
-
 def refresh_decisions(table: DictConfig, out_dir: str | Path = "results") -> list[Path]:
     """Rewrite the notes-and-decisions section of every rendered ``<id>*.md`` from the table config,
     leaving the measured cells, figures and headers as rendered. Run folders do not survive between
     sessions here, so a decision written after its measurement (which cites that measurement) would
     otherwise reach the published table only by rerunning it."""
-    notes, decisions = table.get("notes") or [], table.get("decisions") or []
-    section = [DECISIONS_HEADING, ""] + [f"- {n}" for n in notes] + [f"- {d}" for d in decisions]
+    section = decisions_section(table)
     changed = []
     for md in sorted(Path(out_dir).glob(f"{table.id}*.md")):
         if md.stem != table.id and not md.stem.startswith(f"{table.id}."):
