@@ -134,7 +134,9 @@ def run(workload: str, output_root: str | None = None, results: str = "results",
         folder = reusable_folder(cfg, root) if root.exists() else None
         if folder is None:
             if train is None:
-                train_in_own_process(overrides)
+                status = train_in_own_process(overrides)
+                if status != 0:  # its summary (failed, or none) still makes its row; say why here
+                    progress(f"{rule}: python -m bench run exited with status {status}")
             else:
                 train(cfg)
             from bench.run.plan import RunPlan
