@@ -105,3 +105,28 @@ def test_conv_models_are_refused_in_one_line(model):
     with pytest.raises(ConfigError) as err:
         compose(overrides=["algorithm.name=pepita", f"model.name={model}"])
     assert "\n" not in str(err.value) and "pepita" in str(err.value) and "mlp" in str(err.value)
+
+
+def test_updates_accumulate_into_an_existing_grad_and_reuse_one_buffer_per_parameter():
+    """PEPITA writes its updates in place (bench/feedback/deliver.py, GradSlots): added to a
+    ``.grad`` that exists, as AccumulateGrad adds; else into a buffer kept from step to step. Both
+    equal the freshly allocated updates of ``updates()``."""
+    module = build(depth=2, width=16)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    params = module.updated_parameters()
+    _, _, fresh = module.updates(x, y)
+    expected = [g for dw, db in fresh for g in (dw, db)]
+    module.objective(x, y)
+    first = [p.grad.clone() for p in params]
+    pointers = [p.grad.data_ptr() for p in params]
+    for got, want in zip(first, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    module.objective(x, y)  # no zero_grad: accumulate
+    for p, g in zip(params, first):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-6, atol=0)
+    for p in params:
+        p.grad = None
+    module.objective(x, y)
+    assert [p.grad.data_ptr() for p in params] == pointers  # the same buffers, no new allocation
+    for p, g in zip(params, first):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)

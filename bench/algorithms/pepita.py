@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.algorithms.base import RULES, AlgorithmModule
-from bench.feedback.deliver import deliver
+from bench.feedback.deliver import GradSlots, backward_is_watched, deliver
 from bench.feedback.forward_gradient import preserved_norm_stats
 from bench.feedback.noise import SharedNoise
 from bench.options import AlgorithmOptions, ClassVar, ConfigError, Literal, opt
@@ -104,6 +104,7 @@ class PEPITA(AlgorithmModule):
         else:
             bound = a.feedback_scale * math.sqrt(6.0 / d_in)
             self.register_buffer("input_feedback", (torch.rand(d_in, classes, generator=gen) * 2 - 1) * bound)
+        self._grad_slots = GradSlots()
         self._recording = False
         self._inputs: list[torch.Tensor] = []
         self._acts: list[torch.Tensor] = []
@@ -161,7 +162,7 @@ class PEPITA(AlgorithmModule):
             return self._pass(x_err)
         w1 = self.linears[0].weight
         # (W_1 F)ᵀ as Fᵀ W_1ᵀ: the classes-wide operand first is the faster product (architecture M4)
-        a1 = first_out - e.mm(self.input_feedback_matrix().to(w1.dtype).t().mm(w1.t()))
+        a1 = torch.addmm(first_out, e, self.input_feedback_matrix().to(w1.dtype).t().mm(w1.t()), alpha=-1)
         self._inputs, self._acts = [x_err.reshape(x_err.shape[0], -1)], []
         self._recording = True
         try:
@@ -172,39 +173,65 @@ class PEPITA(AlgorithmModule):
             self._recording = False
         return out, self._inputs, self._acts
 
+    def updated_parameters(self) -> list[torch.Tensor]:
+        """Every Linear's weight, then its bias when it has one, in layer order."""
+        return [p for layer in self.linears for p in (layer.weight, layer.bias) if p is not None]
+
     @torch.no_grad()
-    def updates(self, x: torch.Tensor, y: torch.Tensor):
-        """(logits, loss, [(ΔW_l, Δb_l)] per Linear) of one PEPITA step on (x, y), nothing applied."""
+    def updates(self, x: torch.Tensor, y: torch.Tensor, slots: list[tuple[torch.Tensor, bool]] | None = None):
+        """(logits, loss, [(ΔW_l, Δb_l)] per Linear) of one PEPITA step on (x, y), nothing applied.
+
+        ``slots`` (one ``(tensor, accumulate)`` per tensor of :meth:`updated_parameters`, from
+        :class:`~bench.feedback.deliver.GradSlots`) makes each update land in that tensor, added to
+        it when ``accumulate``, instead of in a new one."""
         rng = rng_state(x.device)
         with (self.tap.settings(capture=False) if self.tap is not None else torch.no_grad()):
             logits, _, h = self._pass(x)
             first_out, self._first_out = self._first_out, None
             loss = self.loss_fn(logits, y)
             onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
-            e = torch.softmax(logits, -1) - onehot
+            e = torch.softmax(logits, -1).sub_(onehot)
             x_err = x - e.mm(self.input_feedback_matrix().t()).reshape_as(x)
             with replaying(rng, x.device), preserved_norm_stats(self.model):  # the same dropout masks in both passes
                 logits_err, inputs_err, h_err = self._modulated_pass(x_err, e, first_out)
-        e_err = torch.softmax(logits_err, -1) - onehot
+        e_err = torch.softmax(logits_err, -1).sub_(onehot)
         out_error = e_err if self.opts.output_error == "modulated" else e
         n = x.shape[0]
-        deltas = [(a - b).reshape(n, -1) for a, b in zip(h, h_err)] + [out_error]
-        # 1/n rides in the product (addmm's alpha), not in a pass over either operand
-        nothing = x.new_zeros(())
-        return logits, loss, [(torch.addmm(nothing, d.t(), inp.reshape(n, -1), beta=0, alpha=1.0 / n), d.sum(0).div_(n))
-                              for d, inp in zip(deltas, inputs_err)]
+        # h_l − h_l^err in place: the first pass's activities are not needed after this
+        deltas = [a.sub_(b).reshape(n, -1) for a, b in zip(h, h_err)] + [out_error]
+        slot = iter(slots) if slots is not None else None
+        result = []
+        for layer, d, inp in zip(self.linears, deltas, inputs_err):
+            inp = inp.reshape(n, -1)
+            if slot is None:
+                # 1/n rides in the product (addmm's alpha), not in a pass over either operand
+                dw = torch.addmm(x.new_zeros(()), d.t(), inp, beta=0, alpha=1.0 / n)
+                db = d.sum(0).div_(n) if layer.bias is not None else None
+            else:
+                dw, accumulate = next(slot)
+                dw.addmm_(d.t(), inp, beta=1.0 if accumulate else 0.0, alpha=1.0 / n)
+                db = None
+                if layer.bias is not None:
+                    db, accumulate = next(slot)
+                    if accumulate:
+                        db.add_(d.sum(0), alpha=1.0 / n)
+                    else:
+                        torch.sum(d, 0, out=db).div_(n)
+            result.append((dw, db))
+        return logits, loss, result
 
     def objective(self, x, y):
-        """The updates reach ``.grad`` through :func:`bench.feedback.deliver.deliver` (no backward
-        pass of the weights: PEPITA has none)."""
+        """The updates reach ``.grad`` without a backward pass of the weights (PEPITA has none):
+        written in place through :class:`~bench.feedback.deliver.GradSlots`, or, when DDP's hooks or
+        fp16 loss scaling watch the backward, through :func:`bench.feedback.deliver.deliver`."""
+        params = self.updated_parameters()
+        if not backward_is_watched(self._trainer):
+            slots = self._grad_slots.slots(params)
+            logits, loss, _ = self.updates(x, y, slots)
+            self._grad_slots.install(params, slots)
+            return logits.new_zeros((), requires_grad=True), logits, loss
         logits, loss, updates = self.updates(x, y)
-        grads, params = [], []
-        for layer, (dw, db) in zip(self.linears, updates):
-            grads.append(dw)
-            params.append(layer.weight)
-            if layer.bias is not None:
-                grads.append(db)
-                params.append(layer.bias)
+        grads = [g for dw, db in updates for g in (dw, db) if g is not None]
         return deliver(grads, params, self._trainer, logits), logits, loss
 
     @torch.no_grad()
