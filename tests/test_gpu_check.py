@@ -23,7 +23,11 @@ def test_toy_run_of_the_trainer_ratio_and_memory_checks(tmp_path):
     assert {r["precision"] for r in trainer} == {"32-true", "bf16-mixed"}
     assert all(r["status"] == "ok" for r in trainer), [r for r in trainer if r["status"] != "ok"]
     ratios = [r for r in rows if r["check"] == "ratio"]
-    assert {(r["model"], r["rule"]) for r in ratios} == {(c, rule) for c, _, _, rules in gpu_check.RATIO_CASES for rule in rules}
+    expected = {(c, rule) for c, _, _, rules, _ in gpu_check.RATIO_CASES for rule in rules}
+    expected |= {(c, f"{r} / {base}") for c, _, _, rules, _ in gpu_check.RATIO_CASES
+                 for r, base in gpu_check.RATIO_PAIRS if {r, base} <= set(rules)}
+    assert ("grape-1 mlp 2x1024", "grape / dfa") in expected
+    assert {(r["model"], r["rule"]) for r in ratios} == expected
     assert all(0.0 < float(r["value"]) < 100.0 for r in ratios)
     (memory,) = [r for r in rows if r["check"] == "memory"]
     assert memory["status"] == "ok", memory["detail"]  # measured bytes = l_max·e exactly

@@ -35,3 +35,31 @@ def test_eprop_benchmark_rows_time_both_settings_against_bp_and_the_defaults():
     assert rows[0]["ratio_to_bp"] == 1.0 and rows[0]["ratio_to_default"] == ""
     assert rows[1]["ratio_to_default"] == 1.0
     assert all(r["median_ms"] > 0 and r["ratio_to_bp"] > 0 and r["batch"] == 4 for r in rows)
+
+
+def test_flops_count_the_in_place_products_that_write_updates_into_grad():
+    # PEPITA writes ΔW with addmm_ into .grad, which torch's counter leaves out by default. Hand
+    # count on a 4-8-3 net, batch 5: first pass 2·5·(4·8 + 8·3); second pass: the first layer by
+    # linearity (W1F: 2·4·3·8 for the (3×4)(4×8) product, then 2·5·3·8 for e(W1F)), the modulated
+    # input x − eFᵀ that ΔW_1 uses (2·5·3·4), the last layer 2·5·8·3; the updates 2·(8·5·4 + 3·5·8).
+    import torch
+
+    module = perf.build_module("pepita", ["model.name=mlp", "model.depth=1", "model.width=8"], [1, 2, 2], num_classes=3)
+    x, y = torch.randn(5, 1, 2, 2), torch.randint(0, 3, (5,))
+    first = 2 * 5 * (4 * 8 + 8 * 3)
+    second = 2 * 3 * 4 * 8 + 2 * 5 * 3 * 8 + 2 * 5 * 3 * 4 + 2 * 5 * 8 * 3
+    updates = 2 * (8 * 5 * 4 + 3 * 5 * 8)
+    assert perf.flops(module, x, y) == first + second + updates
+
+
+def test_grape_floor_is_dfa_plus_both_unavoidable_parts():
+    # structure only: the floor ratio is (DFA + tangent product + draws) ÷ DFA per repeat, so it
+    # exceeds 1 + the draws' share, which is itself positive
+    import torch
+
+    from bench.run.benchmarks import grape
+
+    dfa = perf.build_module("dfa", ["model.name=mlp", "model.depth=2", "model.width=16"], [1, 4, 4])
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 10, (8,))
+    floor, draws = grape.grape_floor(dfa, x, y, 16, repeats=3)
+    assert draws > 0 and floor > 1 + draws

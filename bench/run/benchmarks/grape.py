@@ -17,25 +17,31 @@ a faster implementation cannot remove:
   and the input gradient); PEPITA's second pass does one per layer (the forward on x − F e; the
   first layer by linearity, bench/algorithms/pepita.py) and its update one more. "Two forward
   passes and no backward" is the same arithmetic as a backward. What PEPITA adds is elementwise:
-  the second pass evaluates the nonlinearity again (two tanh of 256 × 1024 per step, 0.75 ms of a
-  16 ms step on 2 threads, where BP multiplies by the stored derivative) and the (W_1 F)ᵀ product
-  over the classes (0.4 ms). The ReLU case shows the rest once the transcendental is gone.
+  the second pass evaluates the nonlinearity again (where BP multiplies by the stored
+  derivative), the (W_1 F)ᵀ product over the classes and the modulated input. The ReLU case shows
+  the rest once the transcendental is gone. Its updates are written in place (GradSlots,
+  docs/architecture.md M8).
 * GrAPE ÷ DFA is 1.29 in FLOPs (the tangent W_2 v_1 of the JVP: one more 256 × 1024 × 1024
-  product). The rest of the gap is the two N(0, I) perturbations of 256 × 1024: PyTorch's CPU
-  normal_ runs on one thread (a sequential Mersenne Twister), 0.9 ms each on this machine, and the
-  B update's small products and Python (1.1 ms). Drawing each perturbation in four pieces on a
-  thread pool took one draw from 0.89 to 0.63 ms alone, but made the perturbed forward slower
-  (12.3 against 11.7 ms), where OpenMP's workers still spin after each product; it was not kept.
+  product). On top come the two N(0, I) perturbations of 256 × 1024, from PyTorch's CPU
+  generator, one sequential Mersenne Twister that does not use the second thread. The ``grape
+  floor`` rows time exactly those two costs next to DFA's update (:func:`grape_floor`): no
+  implementation that draws N(0, I) from that generator can go below that ratio. Because the draws are
+  serial and the products are not, the floor depends on the thread count, so GrAPE, DFA and the
+  floor are timed again on one thread. Drawing each perturbation in four pieces on a thread pool
+  made one draw faster alone but the perturbed forward slower (OpenMP's workers still spin after
+  each product); it was not kept. What lies between the floor and GrAPE is listed in
+  docs/architecture.md, M9.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
 import torch
 
 from bench.run.benchmarks import BENCHMARKS
-from bench.run.perf import build_module, flops, interleaved_times
+from bench.run.perf import _time_update, build_module, flops, interleaved_times
 
 MLP = ["model.name=mlp", "model.depth=2", "model.width=1024", "model.activation=tanh"]
 
@@ -54,15 +60,50 @@ def jvp_vs_forward(module, x, repeats: int) -> float:
     return statistics.median(ratios[1:])
 
 
-def ratio_rows(case, modules, x, y, pairs, repeats, iters, batch):
+def grape_floor(dfa, x, y, width: int, repeats: int) -> tuple[float, float]:
+    """The least a GrAPE update can cost here, as a ratio to DFA's, measured side by side: DFA's
+    update plus the two things GrAPE cannot leave out on the grape-1 MLP, the tangent product
+    W_2 v_1 (batch × width × width) and the two N(0, I) perturbations (batch × width each) from
+    torch's CPU generator. Returns (floor ratio, share of the draws in DFA's time), medians over
+    repeats of per-repeat ratios, the three parts timed in a shuffled order in each repeat."""
+    gen = torch.Generator().manual_seed(0)
+    w2 = torch.randn(width, width) / width ** 0.5
+    v = torch.randn(x.shape[0], width)
+
+    def tangent():
+        start = time.perf_counter()
+        torch.mm(v, w2.t())
+        return time.perf_counter() - start
+
+    def draws():
+        start = time.perf_counter()
+        torch.randn((x.shape[0], width), generator=gen)
+        torch.randn((x.shape[0], width), generator=gen)
+        return time.perf_counter() - start
+
+    parts = {"dfa": lambda: _time_update(dfa, x, y, 1), "tangent": tangent, "draws": draws}
+    for f in parts.values():
+        f()
+    floors, shares = [], []
+    for _ in range(repeats):
+        order = list(parts)
+        random.shuffle(order)
+        t = {k: parts[k]() for k in order}
+        floors.append((t["dfa"] + t["tangent"] + t["draws"]) / t["dfa"])
+        shares.append(t["draws"] / t["dfa"])
+    return statistics.median(floors), statistics.median(shares)
+
+
+def ratio_rows(case, modules, x, y, pairs, repeats, iters, batch, base_for_bp="bp"):
     counts = {k: flops(m, x, y) for k, m in modules.items()}
     times, _ = interleaved_times(modules, x, y, repeats, iters, warmup=1)
     rows = []
     for rule, base, target in pairs:
         ratio = statistics.median(t / b for t, b in zip(times[rule], times[base]))
+        to_bp = statistics.median(t / b for t, b in zip(times[rule], times[base_for_bp])) if base_for_bp else ""
         rows.append({"benchmark": "grape", "case": case, "rule": rule, "versus": base, "batch": batch,
                      "median_ms": 1000 * statistics.median(times[rule]), "ratio": ratio,
-                     "ratio_to_bp": statistics.median(t / b for t, b in zip(times[rule], times["bp"])),
+                     "ratio_to_bp": to_bp,
                      "flops_ratio": counts[rule] / counts[base],
                      "target": f"<= {target}" if target else "", "meets_target": (ratio <= target) if target else "",
                      "repeats": repeats})
@@ -80,6 +121,28 @@ def run(args) -> list[dict]:
                        repeats, 3, 256)
     rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024", "rule": "jvp pass", "versus": "forward",
                  "batch": 256, "ratio": jvp_vs_forward(mods["grape"], x, repeats), "target": "", "meets_target": ""})
+    floor, draws = grape_floor(mods["dfa"], x, y, 1024, 3 * repeats)
+    rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024", "rule": "grape floor (dfa + W2 v1 + 2 draws)",
+                 "versus": "dfa", "batch": 256, "ratio": floor, "target": "", "meets_target": "",
+                 "note": f"the two N(0, I) draws alone: {draws:.2f} of DFA's update"})
+    # The draws are serial (one Mersenne Twister) while the products use every thread, so the
+    # ratio depends on the thread count: the same pair on one thread.
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+        try:
+            pair = {r: mods[r] for r in ("dfa", "grape")}
+            one = ratio_rows("grape-1 mlp 2x1024, 1 thread", pair, x, y, [("grape", "dfa", 1.5)], repeats, 3, 256,
+                             base_for_bp=None)
+            floor1, draws1 = grape_floor(mods["dfa"], x, y, 1024, 3 * repeats)
+        finally:
+            torch.set_num_threads(threads)
+        for r in one:
+            r["torch_threads"] = 1
+        rows += one
+        rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024, 1 thread", "torch_threads": 1,
+                     "rule": "grape floor (dfa + W2 v1 + 2 draws)", "versus": "dfa", "batch": 256, "ratio": floor1,
+                     "target": "", "meets_target": "", "note": f"the two N(0, I) draws alone: {draws1:.2f} of DFA's update"})
     # PEPITA evaluates the nonlinearity twice where BP evaluates it once and multiplies by its
     # derivative: with tanh (grape-1's choice) that is a transcendental per unit more; with ReLU
     # (PEPITA's own code, GiorgiaD/PEPITA) it is a comparison.
@@ -93,5 +156,5 @@ def run(args) -> list[dict]:
     xt, yt = torch.randint(0, 256, (16, 64)), torch.randint(0, 256, (16, 64))
     rows += ratio_rows("transformer 2x128", trans, xt, yt, [("grape", "bp", None)], repeats, 2, 16)
     for r in rows:
-        r["torch_threads"] = torch.get_num_threads()
+        r.setdefault("torch_threads", torch.get_num_threads())
     return rows
