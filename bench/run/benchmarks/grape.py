@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from bench.results.run import device_name
 from bench.run.benchmarks import BENCHMARKS
 from bench.run.perf import _time_update, build_module, flops, interleaved_times
 
@@ -135,12 +136,13 @@ def run(args) -> list[dict]:
             one = ratio_rows("grape-1 mlp 2x1024, 1 thread", pair, x, y, [("grape", "dfa", 1.5)], repeats, 3, 256,
                              base_for_bp=None)
             floor1, draws1 = grape_floor(mods["dfa"], x, y, 1024, 3 * repeats)
+            one_thread = device_name()
         finally:
             torch.set_num_threads(threads)
         for r in one:
-            r["torch_threads"] = 1
+            r["torch_threads"], r["device"] = 1, one_thread
         rows += one
-        rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024, 1 thread", "torch_threads": 1,
+        rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024, 1 thread", "torch_threads": 1, "device": one_thread,
                      "rule": "grape floor (dfa + W2 v1 + 2 draws)", "versus": "dfa", "batch": 256, "ratio": floor1,
                      "target": "", "meets_target": "", "note": f"the two N(0, I) draws alone: {draws1:.2f} of DFA's update"})
     # PEPITA evaluates the nonlinearity twice where BP evaluates it once and multiplies by its
