@@ -52,14 +52,31 @@ def test_flops_count_the_in_place_products_that_write_updates_into_grad():
     assert perf.flops(module, x, y) == first + second + updates
 
 
-def test_grape_floor_is_dfa_plus_both_unavoidable_parts():
-    # structure only: the floor ratio is (DFA + tangent product + draws) ÷ DFA per repeat, so it
-    # exceeds 1 + the draws' share, which is itself positive
+def test_grape_floor_adds_the_tangent_and_the_draws_to_dfa_per_repeat():
+    # fixed timings (DFA 10, tangent 2, draws 1) give exactly 1.3 and 0.1; a floor that left
+    # out a part, or divided by the wrong one, gives another number
+    from bench.run.benchmarks import grape
+
+    calls = {"dfa": 0, "tangent": 0, "draws": 0}
+
+    def timer(name, seconds):
+        def f():
+            calls[name] += 1
+            return seconds
+        return f
+
+    timers = {"dfa": timer("dfa", 10.0), "tangent": timer("tangent", 2.0), "draws": timer("draws", 1.0)}
+    floor, draws = grape.floor_ratios(timers, repeats=4)
+    assert floor == pytest.approx(1.3) and draws == pytest.approx(0.1)
+    assert calls == {"dfa": 5, "tangent": 5, "draws": 5}  # one warm-up, then once per repeat
+
+
+def test_grape_floor_times_real_parts_on_a_tiny_dfa():
     import torch
 
     from bench.run.benchmarks import grape
 
     dfa = perf.build_module("dfa", ["model.name=mlp", "model.depth=2", "model.width=16"], [1, 4, 4])
     x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 10, (8,))
-    floor, draws = grape.grape_floor(dfa, x, y, 16, repeats=3)
-    assert draws > 0 and floor > 1 + draws
+    row = grape.floor_row("tiny", dfa, x, y, repeats=3, width=16)
+    assert row["ratio"] > 1.0 and row["batch"] == 8 and row["note"].startswith("the two N(0, I) draws alone")

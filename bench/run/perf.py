@@ -52,14 +52,13 @@ def build_module(rule: str, model_overrides: list[str], shape: list[int], num_cl
 
 def flops(module, x, y) -> int:
     """Floating-point operations of one update (forward + the rule's backward), by torch's counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def addmm_in_place(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    from torch.utils.flop_counter import FlopCounterMode, addmm_flop
 
     # torch counts addmm but not its in-place form, which rules that write updates straight into
-    # their .grad buffers use (PEPITA): without this their products would go uncounted.
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_in_place}) as counter:
+    # their .grad buffers use (PEPITA): without this their products would go uncounted. The
+    # mapping takes torch's own addmm formula unwrapped (FlopCounterMode wraps it again).
+    in_place = {torch.ops.aten.addmm_: addmm_flop.__wrapped__}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
         surrogate, _, _ = module.objective(x, y)
         surrogate.backward()
     for p in module.parameters():
@@ -67,7 +66,7 @@ def flops(module, x, y) -> int:
     return counter.get_total_flops()
 
 
-def _time_update(module, x, y, iters: int) -> float:
+def time_update(module, x, y, iters: int) -> float:
     start = time.perf_counter()
     for _ in range(iters):
         for p in module.parameters():  # the rule's own parameters too (error synapses, inverses)
@@ -90,7 +89,7 @@ def interleaved_times(modules: dict, x, y, repeats: int, iters: int, warmup: int
     machine hit all of them alike; callers report medians of per-repeat ratios."""
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-6, fused=True) for k, m in modules.items()}
     for k, m in modules.items():  # warm-up: allocator, kernels, optimizer state
-        _time_update(m, x, y, warmup)
+        time_update(m, x, y, warmup)
         optimizers[k].step()
     times = {k: [] for k in modules}
     steps = {k: [] for k in modules}
@@ -98,7 +97,7 @@ def interleaved_times(modules: dict, x, y, repeats: int, iters: int, warmup: int
     for _ in range(repeats):
         random.shuffle(order)
         for k in order:
-            times[k].append(_time_update(modules[k], x, y, iters))
+            times[k].append(time_update(modules[k], x, y, iters))
             steps[k].append(_time_step(optimizers[k], iters))
     return times, steps
 

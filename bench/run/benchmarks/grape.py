@@ -42,7 +42,7 @@ import torch
 
 from bench.results.run import device_name
 from bench.run.benchmarks import BENCHMARKS
-from bench.run.perf import _time_update, build_module, flops, interleaved_times
+from bench.run.perf import time_update, build_module, flops, interleaved_times
 
 MLP = ["model.name=mlp", "model.depth=2", "model.width=1024", "model.activation=tanh"]
 
@@ -61,12 +61,26 @@ def jvp_vs_forward(module, x, repeats: int) -> float:
     return statistics.median(ratios[1:])
 
 
+def floor_ratios(timers: dict, repeats: int) -> tuple[float, float]:
+    """(median of (dfa + tangent + draws) ÷ dfa, median of draws ÷ dfa) over ``repeats``, each
+    repeat calling the three timers (each returns seconds) in a fresh shuffled order."""
+    for f in timers.values():  # warm-up
+        f()
+    floors, shares = [], []
+    for _ in range(repeats):
+        order = list(timers)
+        random.shuffle(order)
+        t = {k: timers[k]() for k in order}
+        floors.append((t["dfa"] + t["tangent"] + t["draws"]) / t["dfa"])
+        shares.append(t["draws"] / t["dfa"])
+    return statistics.median(floors), statistics.median(shares)
+
+
 def grape_floor(dfa, x, y, width: int, repeats: int) -> tuple[float, float]:
     """The least a GrAPE update can cost here, as a ratio to DFA's, measured side by side: DFA's
     update plus the two things GrAPE cannot leave out on the grape-1 MLP, the tangent product
     W_2 v_1 (batch × width × width) and the two N(0, I) perturbations (batch × width each) from
-    torch's CPU generator. Returns (floor ratio, share of the draws in DFA's time), medians over
-    repeats of per-repeat ratios, the three parts timed in a shuffled order in each repeat."""
+    torch's CPU generator. Returns (floor ratio, share of the draws in DFA's time)."""
     gen = torch.Generator().manual_seed(0)
     w2 = torch.randn(width, width) / width ** 0.5
     v = torch.randn(x.shape[0], width)
@@ -82,17 +96,14 @@ def grape_floor(dfa, x, y, width: int, repeats: int) -> tuple[float, float]:
         torch.randn((x.shape[0], width), generator=gen)
         return time.perf_counter() - start
 
-    parts = {"dfa": lambda: _time_update(dfa, x, y, 1), "tangent": tangent, "draws": draws}
-    for f in parts.values():
-        f()
-    floors, shares = [], []
-    for _ in range(repeats):
-        order = list(parts)
-        random.shuffle(order)
-        t = {k: parts[k]() for k in order}
-        floors.append((t["dfa"] + t["tangent"] + t["draws"]) / t["dfa"])
-        shares.append(t["draws"] / t["dfa"])
-    return statistics.median(floors), statistics.median(shares)
+    return floor_ratios({"dfa": lambda: time_update(dfa, x, y, 1), "tangent": tangent, "draws": draws}, repeats)
+
+
+def floor_row(case: str, dfa, x, y, repeats: int, width: int = 1024) -> dict:
+    floor, draws = grape_floor(dfa, x, y, width, repeats)
+    return {"benchmark": "grape", "case": case, "rule": "grape floor (dfa + W2 v1 + 2 draws)", "versus": "dfa",
+            "batch": x.shape[0], "ratio": floor, "target": "", "meets_target": "",
+            "note": f"the two N(0, I) draws alone: {draws:.2f} of DFA's update"}
 
 
 def ratio_rows(case, modules, x, y, pairs, repeats, iters, batch, base_for_bp="bp"):
@@ -122,10 +133,7 @@ def run(args) -> list[dict]:
                        repeats, 3, 256)
     rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024", "rule": "jvp pass", "versus": "forward",
                  "batch": 256, "ratio": jvp_vs_forward(mods["grape"], x, repeats), "target": "", "meets_target": ""})
-    floor, draws = grape_floor(mods["dfa"], x, y, 1024, 3 * repeats)
-    rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024", "rule": "grape floor (dfa + W2 v1 + 2 draws)",
-                 "versus": "dfa", "batch": 256, "ratio": floor, "target": "", "meets_target": "",
-                 "note": f"the two N(0, I) draws alone: {draws:.2f} of DFA's update"})
+    rows.append(floor_row("grape-1 mlp 2x1024", mods["dfa"], x, y, 3 * repeats))
     # The draws are serial (one Mersenne Twister) while the products use every thread, so the
     # ratio depends on the thread count: the same pair on one thread.
     threads = torch.get_num_threads()
@@ -133,18 +141,15 @@ def run(args) -> list[dict]:
         torch.set_num_threads(1)
         try:
             pair = {r: mods[r] for r in ("dfa", "grape")}
-            one = ratio_rows("grape-1 mlp 2x1024, 1 thread", pair, x, y, [("grape", "dfa", 1.5)], repeats, 3, 256,
-                             base_for_bp=None)
-            floor1, draws1 = grape_floor(mods["dfa"], x, y, 1024, 3 * repeats)
+            case = "grape-1 mlp 2x1024, 1 thread"
+            one = ratio_rows(case, pair, x, y, [("grape", "dfa", 1.5)], repeats, 3, 256, base_for_bp=None)
+            one.append(floor_row(case, mods["dfa"], x, y, 3 * repeats))
             one_thread = device_name()
         finally:
             torch.set_num_threads(threads)
         for r in one:
             r["torch_threads"], r["device"] = 1, one_thread
         rows += one
-        rows.append({"benchmark": "grape", "case": "grape-1 mlp 2x1024, 1 thread", "torch_threads": 1, "device": one_thread,
-                     "rule": "grape floor (dfa + W2 v1 + 2 draws)", "versus": "dfa", "batch": 256, "ratio": floor1,
-                     "target": "", "meets_target": "", "note": f"the two N(0, I) draws alone: {draws1:.2f} of DFA's update"})
     # PEPITA evaluates the nonlinearity twice where BP evaluates it once and multiplies by its
     # derivative: with tanh (grape-1's choice) that is a transcendental per unit more; with ReLU
     # (PEPITA's own code, GiorgiaD/PEPITA) it is a comparison.
